@@ -1,0 +1,314 @@
+//! The `tracing` layer: keeps each worker's slot up to date on span enter/exit, and tracks
+//! in-flight local root spans (the victims of a stall).
+//!
+//! Enter and exit do one thread-local read and a few atomic stores on runtime worker
+//! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
+//! created or closed, never on enter/exit. The watchdog reaches span data through the
+//! [`Dispatch`] the layer was registered with, using lookup functions monomorphised for the
+//! subscriber type (the same technique `tracing-opentelemetry` uses for its `Span` extension).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use tracing::span::{Attributes, Id};
+use tracing::{Dispatch, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+use crate::slots;
+
+/// The `tracing` layer of looplag; get one from [`LoopLag::layer`](crate::LoopLag::layer).
+///
+/// Add it to a `tracing_subscriber::Registry`-based subscriber, next to
+/// `tracing-opentelemetry`'s layer. It keeps per-thread state for the watchdog and records
+/// nothing by itself: it never filters, and it never calls OpenTelemetry from a hook.
+///
+/// # Examples
+///
+/// ```
+/// use tracing_subscriber::layer::SubscriberExt;
+///
+/// let looplag = looplag::LoopLag::builder().build()?;
+/// let subscriber = tracing_subscriber::registry().with(looplag.layer());
+/// tracing::subscriber::with_default(subscriber, || {
+///     tracing::info_span!("request").in_scope(|| { /* ... */ });
+/// });
+/// # Ok::<(), looplag::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LoopLagLayer {
+    _private: (),
+}
+
+impl LoopLagLayer {
+    pub(crate) fn new() -> Self {
+        LoopLagLayer { _private: () }
+    }
+}
+
+/// Marks a local root span in its extensions; children find their root through it.
+struct RootMark(Arc<RootInfo>);
+
+/// An in-flight local root span: the top span of an in-process trace.
+#[derive(Debug)]
+pub(crate) struct RootInfo {
+    /// The span's `tracing` id (only valid while the span is open; checked with `token`).
+    pub(crate) id: u64,
+    /// Process-unique token, never reused, to tell this span from a later one with the same id.
+    pub(crate) token: u64,
+    /// `slots::thread_uid()` of the thread that created the span.
+    pub(crate) created_on: u64,
+    /// `slots::thread_uid()` of the worker that last polled it (0: not seen polled yet).
+    pub(crate) last_polled_on: AtomicU64,
+}
+
+impl RootInfo {
+    /// Whether this trace was waiting on the worker thread `thread`: last polled there, or
+    /// created there and not polled since.
+    pub(crate) fn waited_on(&self, thread: u64) -> bool {
+        match self.last_polled_on.load(Ordering::Relaxed) {
+            0 => self.created_on == thread,
+            last => last == thread,
+        }
+    }
+}
+
+/// What the watchdog learns about the span a stalled thread is in.
+#[derive(Debug)]
+pub(crate) struct SpanInfo {
+    /// The span's name.
+    pub(crate) name: &'static str,
+    /// The span's OpenTelemetry context, when `tracing-opentelemetry` is installed.
+    pub(crate) context: Option<opentelemetry::Context>,
+    /// The local root of the span's trace.
+    pub(crate) root: Option<Arc<RootInfo>>,
+}
+
+/// Span lookups, monomorphised for the subscriber the layer was registered with.
+#[derive(Clone, Copy)]
+struct Lookups {
+    span_info: fn(&Dispatch, u64) -> Option<SpanInfo>,
+    root_of: fn(&Dispatch, u64) -> Option<Arc<RootInfo>>,
+    root_context: fn(&Dispatch, &RootInfo) -> Option<opentelemetry::Context>,
+}
+
+impl Lookups {
+    fn of<S>() -> Self
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        Lookups {
+            span_info: span_info::<S>,
+            root_of: root_of::<S>,
+            root_context: root_context::<S>,
+        }
+    }
+}
+
+/// Process-wide state shared by every `LoopLagLayer` and every watchdog.
+pub(crate) struct Shared {
+    dispatch: Mutex<Option<(tracing::dispatcher::WeakDispatch, Lookups)>>,
+    roots: Mutex<HashMap<u64, Arc<RootInfo>>>,
+    next_token: AtomicU64,
+}
+
+pub(crate) fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| Shared {
+        dispatch: Mutex::new(None),
+        roots: Mutex::new(HashMap::new()),
+        next_token: AtomicU64::new(1),
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A handle on the subscriber the layer lives in, for the watchdog thread.
+pub(crate) struct SpanAccess {
+    dispatch: Dispatch,
+    lookups: Lookups,
+}
+
+impl Shared {
+    /// The installed subscriber, if the layer is installed and the subscriber still alive.
+    pub(crate) fn access(&self) -> Option<SpanAccess> {
+        let guard = lock(&self.dispatch);
+        let (weak, lookups) = guard.as_ref()?;
+        Some(SpanAccess {
+            dispatch: weak.upgrade()?,
+            lookups: *lookups,
+        })
+    }
+
+    /// The in-flight local roots that waited on worker thread `thread`, except `exclude`,
+    /// at most `limit` of them; also returns how many more there were.
+    pub(crate) fn victims(
+        &self,
+        thread: u64,
+        exclude: Option<u64>,
+        limit: usize,
+    ) -> (Vec<Arc<RootInfo>>, usize) {
+        let roots = lock(&self.roots);
+        let mut chosen = Vec::new();
+        let mut dropped = 0usize;
+        for root in roots.values() {
+            if Some(root.token) == exclude || !root.waited_on(thread) {
+                continue;
+            }
+            if chosen.len() < limit {
+                chosen.push(Arc::clone(root));
+            } else {
+                dropped = dropped.saturating_add(1);
+            }
+        }
+        (chosen, dropped)
+    }
+
+    /// Number of in-flight local roots being tracked.
+    #[allow(dead_code)]
+    pub(crate) fn roots_in_flight(&self) -> usize {
+        lock(&self.roots).len()
+    }
+}
+
+impl SpanAccess {
+    /// Name, OpenTelemetry context and root of the open span `id`.
+    pub(crate) fn span_info(&self, id: u64) -> Option<SpanInfo> {
+        (self.lookups.span_info)(&self.dispatch, id)
+    }
+
+    /// The local root of the open span `id`.
+    pub(crate) fn root_of(&self, id: u64) -> Option<Arc<RootInfo>> {
+        (self.lookups.root_of)(&self.dispatch, id)
+    }
+
+    /// The OpenTelemetry context of an in-flight root, if it is still open.
+    pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
+        (self.lookups.root_context)(&self.dispatch, root)
+    }
+}
+
+fn span_id(id: u64) -> Option<Id> {
+    (id != 0).then(|| Id::from_u64(id))
+}
+
+fn span_info<S>(dispatch: &Dispatch, id: u64) -> Option<SpanInfo>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let subscriber = dispatch.downcast_ref::<S>()?;
+    let id = span_id(id)?;
+    // Holding `span` keeps the registry slot, so `id` cannot be reused meanwhile.
+    let span = subscriber.span(&id)?;
+    let root = span.scope().from_root().next().and_then(|root| {
+        root.extensions()
+            .get::<RootMark>()
+            .map(|m| Arc::clone(&m.0))
+    });
+    // No extensions are held here: `get_otel_context` locks them.
+    let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
+    let name = span.name();
+    drop(span);
+    Some(SpanInfo {
+        name,
+        context,
+        root,
+    })
+}
+
+fn root_of<S>(dispatch: &Dispatch, id: u64) -> Option<Arc<RootInfo>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let subscriber = dispatch.downcast_ref::<S>()?;
+    let id = span_id(id)?;
+    let span = subscriber.span(&id)?;
+    let root = span.scope().from_root().next()?;
+    let extensions = root.extensions();
+    extensions.get::<RootMark>().map(|mark| Arc::clone(&mark.0))
+}
+
+fn root_context<S>(dispatch: &Dispatch, root: &RootInfo) -> Option<opentelemetry::Context>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let subscriber = dispatch.downcast_ref::<S>()?;
+    let id = span_id(root.id)?;
+    let span = subscriber.span(&id)?;
+    let same = span
+        .extensions()
+        .get::<RootMark>()
+        .is_some_and(|mark| mark.0.token == root.token);
+    if !same {
+        return None;
+    }
+    let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
+    drop(span);
+    context
+}
+
+impl<S> Layer<S> for LoopLagLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    /// Remembers the subscriber so the watchdog can reach span data.
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        *lock(&shared().dispatch) = Some((subscriber.downgrade(), Lookups::of::<S>()));
+    }
+
+    /// Starts tracking a new local root span.
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let is_root = if attrs.is_root() {
+            true
+        } else if attrs.parent().is_some() {
+            false
+        } else {
+            ctx.current_span().id().is_none()
+        };
+        if !is_root {
+            return;
+        }
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let shared = shared();
+        let info = Arc::new(RootInfo {
+            id: id.into_u64(),
+            token: shared.next_token.fetch_add(1, Ordering::Relaxed),
+            created_on: slots::thread_uid(),
+            last_polled_on: AtomicU64::new(0),
+        });
+        span.extensions_mut().insert(RootMark(Arc::clone(&info)));
+        lock(&shared.roots).insert(info.token, info);
+    }
+
+    /// Records the entered span in the worker's slot.
+    #[inline]
+    fn on_enter(&self, id: &Id, _ctx: Context<'_, S>) {
+        slots::with_current(|slot| slot.enter(id.into_u64()));
+    }
+
+    /// Records the exited span in the worker's slot.
+    #[inline]
+    fn on_exit(&self, id: &Id, _ctx: Context<'_, S>) {
+        slots::with_current(|slot| slot.exit(id.into_u64()));
+    }
+
+    /// Stops tracking a closed local root span.
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else {
+            return;
+        };
+        let token = span.extensions().get::<RootMark>().map(|mark| mark.0.token);
+        if let Some(token) = token {
+            lock(&shared().roots).remove(&token);
+        }
+    }
+}

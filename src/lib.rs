@@ -1,0 +1,72 @@
+//! Find the code that blocks a tokio runtime, while it blocks, and report it over
+//! OpenTelemetry.
+//!
+//! A tokio worker runs one task poll at a time. A poll that does not return for a long time
+//! (`std::thread::sleep`, a synchronous client, a big parse, a held `std::sync::Mutex`)
+//! stalls every task queued behind it. looplag turns those stalls into:
+//!
+//! 1. a **delay histogram**, `tokio.eventloop.delay`: how late the runtime gets to new work;
+//! 2. a **stall span**, `tokio.eventloop.stall`: a child of the request span that blocked,
+//!    spanning the blocked interval;
+//! 3. a **stall event** on every request span that waited during the stall, linked to the
+//!    stall span;
+//!
+//! plus the `tokio.eventloop.stalls` counter, the `tokio.eventloop.stall.duration`
+//! histogram, a WARN log line and an optional callback, all while the stall is happening.
+//!
+//! # Setup
+//!
+//! ```
+//! use std::time::Duration;
+//! use tracing_subscriber::layer::SubscriberExt;
+//! use tracing_subscriber::util::SubscriberInitExt;
+//!
+//! let looplag = looplag::LoopLag::builder()
+//!     .runtime_name("main")
+//!     .stall_threshold(Duration::from_millis(50))
+//!     .build()?;
+//!
+//! tracing_subscriber::registry()
+//!     // .with(tracing_opentelemetry::layer().with_tracer(tracer))
+//!     .with(looplag.layer())
+//!     .init();
+//!
+//! let mut builder = tokio::runtime::Builder::new_multi_thread();
+//! builder.enable_all();
+//! looplag.hook_runtime(&mut builder);
+//! let runtime = builder.build().expect("runtime");
+//! let _watchdog = looplag.start(runtime.handle())?;
+//!
+//! runtime.block_on(async {
+//!     // the application
+//! });
+//! # Ok::<(), looplag::Error>(())
+//! ```
+//!
+//! # Cost
+//!
+//! Span enter/exit and the runtime's park/unpark hooks only write the calling thread's
+//! slot with atomic stores: no lock, no allocation, and one clock read per poll start. The
+//! watchdog is a plain OS thread that wakes once per sample interval.
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+mod clock;
+mod config;
+mod error;
+mod instance;
+mod layer;
+mod probe;
+mod report;
+mod slots;
+mod telemetry;
+mod watchdog;
+
+pub use config::{
+    Builder, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL,
+    DEFAULT_STALL_THRESHOLD,
+};
+pub use error::Error;
+pub use instance::{LoopLag, Watchdog};
+pub use layer::LoopLagLayer;
+pub use report::{StallReport, StallState};

@@ -1,0 +1,121 @@
+//! What looplag tells the `on_stall` callback and the log about one stall.
+
+use std::fmt;
+use std::panic::Location;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{SpanId, TraceId};
+
+/// Whether a [`StallReport`] describes a stall that is still going on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StallState {
+    /// The worker is still blocked; `duration` is how long it has been so far.
+    InProgress,
+    /// The blocking poll returned; `duration` is the whole stall.
+    Ended,
+}
+
+/// One report about one stall, given to the [`on_stall`](crate::Builder::on_stall) callback.
+///
+/// A stall is reported when it is detected, again each time its duration doubles while it
+/// lasts, and once when it ends. Fields that looplag could not learn are `None`.
+///
+/// # Examples
+///
+/// ```
+/// use looplag::{StallReport, StallState};
+///
+/// fn alert(report: &StallReport) {
+///     if report.state == StallState::Ended && report.duration.as_secs() >= 1 {
+///         eprintln!("long stall: {report}");
+///     }
+/// }
+/// # let _ = alert;
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StallReport {
+    /// The runtime's `tokio.runtime.name`.
+    pub runtime_name: String,
+    /// In progress or ended.
+    pub state: StallState,
+    /// How long the worker has been (or was) blocked in the poll.
+    pub duration: Duration,
+    /// When the blocking poll started.
+    pub started_at: SystemTime,
+    /// `true` when start and end were taken at the poll's boundaries (a poll inside a span,
+    /// or any poll with tokio's poll hooks); `false` when they were estimated from the
+    /// watchdog's samples, to within one sample interval.
+    pub exact: bool,
+    /// 1 for the first report of this stall, then 2, 3, …
+    pub report_number: u32,
+    /// OS thread id of the blocked thread, when known.
+    pub thread_id: Option<i64>,
+    /// Name of the blocked thread, when known.
+    pub thread_name: Option<String>,
+    /// Tokio worker index of the blocked worker, when known.
+    pub worker_index: Option<usize>,
+    /// Name of the innermost span entered on the blocked thread, when there is one.
+    pub span_name: Option<&'static str>,
+    /// Trace id of the stall span.
+    pub trace_id: Option<TraceId>,
+    /// Span id of the stall span.
+    pub span_id: Option<SpanId>,
+    /// Id of the blocked task (with `--cfg tokio_unstable`).
+    pub task_id: Option<u64>,
+    /// Where the blocked task was spawned (with `--cfg tokio_unstable`).
+    pub spawn_location: Option<&'static Location<'static>>,
+    /// Number of waiting request spans that got the victim event (ended stalls only).
+    pub victims: usize,
+    /// Number of waiting request spans over the [`max_victims`](crate::Builder::max_victims)
+    /// bound that did not (ended stalls only).
+    pub victims_dropped: usize,
+}
+
+impl fmt::Display for StallReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = match self.state {
+            StallState::InProgress => "has been blocked for",
+            StallState::Ended => "was blocked for",
+        };
+        write!(
+            f,
+            "runtime `{}` {verb} {:.1} ms",
+            self.runtime_name,
+            self.duration.as_secs_f64() * 1e3
+        )?;
+        if !self.exact {
+            write!(f, " (estimated)")?;
+        }
+        match (&self.thread_name, self.thread_id) {
+            (Some(name), Some(id)) => write!(f, " on thread `{name}` (tid {id})")?,
+            (None, Some(id)) => write!(f, " on thread tid {id}")?,
+            _ => write!(f, " on an unidentified worker thread")?,
+        }
+        if let Some(index) = self.worker_index {
+            write!(f, ", worker {index}")?;
+        }
+        match self.span_name {
+            Some(span) => write!(f, ", in span `{span}`")?,
+            None => write!(f, ", outside any span")?,
+        }
+        if let (Some(id), Some(location)) = (self.task_id, self.spawn_location) {
+            write!(f, ", task {id} spawned at {location}")?;
+        }
+        if self.state == StallState::Ended {
+            write!(f, "; {} waiting request(s) marked", self.victims)?;
+            if self.victims_dropped > 0 {
+                write!(
+                    f,
+                    ", {} more not marked (max_victims)",
+                    self.victims_dropped
+                )?;
+            }
+        }
+        if let Some(trace_id) = self.trace_id {
+            write!(f, " [trace {trace_id}]")?;
+        }
+        Ok(())
+    }
+}

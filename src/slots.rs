@@ -1,0 +1,494 @@
+//! Per-thread slots: the only state the hot path touches.
+//!
+//! Each runtime worker thread owns one [`Slot`], found through a thread-local pointer. The
+//! owner writes it with plain relaxed/release atomic stores; the watchdog thread reads it.
+//! No lock, no allocation and at most one clock read per poll on the owner's side.
+//!
+//! # The activity word
+//!
+//! `word` packs the state the watchdog needs into one atomic, so one load is a consistent
+//! snapshot:
+//!
+//! - bits 0..62: raw clock value at the start of the current (or last) poll. Every poll gets
+//!   a fresh, strictly larger value, so the value also identifies the poll;
+//! - bit 62 (`BUSY`): the thread is inside that poll;
+//! - bit 63 (`FLAGGED`): the watchdog has declared that poll a stall.
+//!
+//! The owner sets `BUSY` with a new timestamp at poll start and clears it at poll end. The
+//! watchdog sets `FLAGGED` only with a compare-exchange from the exact busy value it saw, so
+//! it can never flag a poll that already ended. At poll end the owner checks the flag it
+//! loaded: when set, it reads the clock once and publishes the end in `end` before clearing
+//! `BUSY`. If the flag lands between the owner's load and store (a window of nanoseconds),
+//! the owner misses it and the watchdog sees `end` older than the poll start; the end then
+//! lies between the two, which bracket the watchdog's own compare-exchange, and the
+//! watchdog uses the time of that compare-exchange.
+//!
+//! # Poll boundaries
+//!
+//! With tokio's task poll hooks (`--cfg tokio_unstable`) a poll is exactly what tokio calls a
+//! poll. On stable builds a poll is the time a span is entered at the thread's base depth:
+//! an instrumented task enters its span when its poll starts and exits when the poll
+//! returns. The base depth is the depth at the last unpark, so a runtime driven from inside
+//! an entered span (`span.in_scope(|| rt.block_on(..))`) still sees its polls.
+
+use std::cell::{Cell, RefCell};
+use std::panic::Location;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The thread is inside a poll.
+pub(crate) const BUSY: u64 = 1 << 62;
+/// The watchdog declared the current poll a stall.
+pub(crate) const FLAGGED: u64 = 1 << 63;
+/// The timestamp bits of the activity word.
+pub(crate) const TS_MASK: u64 = BUSY - 1;
+/// How many entered spans a slot remembers; deeper spans are counted, not recorded.
+pub(crate) const STACK_DEPTH: usize = 32;
+/// How many recent poll-level span ids a slot remembers for victim attribution.
+pub(crate) const RING: usize = 64;
+
+static NEXT_THREAD_UID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static THREAD_UID: Cell<u64> = const { Cell::new(0) };
+    static LOCAL: Local = const {
+        Local { slot: Cell::new(ptr::null()), owner: RefCell::new(None) }
+    };
+}
+
+/// A process-unique id of the calling thread (never reused, unlike OS thread ids).
+pub(crate) fn thread_uid() -> u64 {
+    THREAD_UID
+        .try_with(|uid| {
+            let current = uid.get();
+            if current != 0 {
+                return current;
+            }
+            let fresh = NEXT_THREAD_UID.fetch_add(1, Ordering::Relaxed);
+            uid.set(fresh);
+            fresh
+        })
+        .unwrap_or(0)
+}
+
+/// The thread-local handle on the calling thread's slot.
+struct Local {
+    /// Fast-path pointer into `owner`; null when the thread has no slot.
+    slot: Cell<*const Slot>,
+    /// Keeps the slot alive for as long as the pointer is set.
+    owner: RefCell<Option<Arc<Slot>>>,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.slot.set(ptr::null());
+        if let Some(slot) = self.owner.get_mut().take() {
+            slot.dead.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Runs `f` with the calling thread's slot, if it has one. This is the hot path's entry:
+/// one thread-local read and a null check when the thread has no slot.
+#[inline]
+pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
+    LOCAL
+        .try_with(|local| {
+            let slot = local.slot.get();
+            if slot.is_null() {
+                None
+            } else {
+                // SAFETY: `slot` points into the `Arc` held by `local.owner`, and the
+                // pointer is cleared before that `Arc` is dropped or replaced (`Drop for
+                // Local`, `register`). The slot is only accessed through shared
+                // references and atomics.
+                Some(f(unsafe { &*slot }))
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+/// One runtime worker thread's state.
+pub(crate) struct Slot {
+    word: AtomicU64,
+    end: AtomicU64,
+    depth: AtomicUsize,
+    base: AtomicUsize,
+    stack: [AtomicU64; STACK_DEPTH],
+    parked: AtomicBool,
+    ring: [AtomicU64; RING],
+    ring_head: AtomicUsize,
+    last_ring_id: AtomicU64,
+    task_id: AtomicU64,
+    spawned_at: AtomicPtr<Location<'static>>,
+    dead: AtomicBool,
+    /// The looplag instance whose hooks registered this slot.
+    pub(crate) instance: u64,
+    /// Poll boundaries come from tokio's task poll hooks, not from spans.
+    pub(crate) poll_hooks: bool,
+    /// The slot belongs to a current-thread runtime, whose thread may also run code outside
+    /// the runtime (before and after `block_on`).
+    current_thread: bool,
+    /// `tokio::runtime::worker_index()` when the slot was registered.
+    pub(crate) worker_index: Option<usize>,
+    /// `thread_uid()` of the owner.
+    pub(crate) thread_uid: u64,
+    /// The owner's OS thread id (Linux `gettid`), or its `thread_uid` elsewhere.
+    pub(crate) os_tid: i64,
+    /// The owner's thread name, or `""`.
+    pub(crate) thread_name: String,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("thread_name", &self.thread_name)
+            .field("os_tid", &self.os_tid)
+            .field("worker_index", &self.worker_index)
+            .field("word", &self.word.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the watchdog reads of a slot in one go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) word: u64,
+    pub(crate) depth: usize,
+    pub(crate) parked: bool,
+}
+
+impl Snapshot {
+    pub(crate) fn busy(&self) -> bool {
+        self.word & BUSY != 0
+    }
+    pub(crate) fn flagged(&self) -> bool {
+        self.word & FLAGGED != 0
+    }
+    pub(crate) fn start(&self) -> u64 {
+        self.word & TS_MASK
+    }
+}
+
+impl Slot {
+    fn new(instance: u64, poll_hooks: bool) -> Self {
+        let thread_uid = thread_uid();
+        Slot {
+            word: AtomicU64::new(0),
+            end: AtomicU64::new(0),
+            depth: AtomicUsize::new(0),
+            base: AtomicUsize::new(0),
+            stack: std::array::from_fn(|_| AtomicU64::new(0)),
+            parked: AtomicBool::new(false),
+            ring: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring_head: AtomicUsize::new(0),
+            last_ring_id: AtomicU64::new(0),
+            task_id: AtomicU64::new(0),
+            spawned_at: AtomicPtr::new(ptr::null_mut()),
+            dead: AtomicBool::new(false),
+            instance,
+            poll_hooks,
+            current_thread: tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+                matches!(
+                    handle.runtime_flavor(),
+                    tokio::runtime::RuntimeFlavor::CurrentThread
+                )
+            }),
+            worker_index: tokio::runtime::worker_index(),
+            thread_uid,
+            os_tid: os_tid().unwrap_or(thread_uid as i64),
+            thread_name: std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    // ---- owner side (hot path) -------------------------------------------------------
+
+    /// A poll starts: one clock read and one store.
+    #[inline]
+    pub(crate) fn poll_start(&self) {
+        let previous = self.word.load(Ordering::Relaxed) & TS_MASK;
+        let mut now = crate::clock::raw();
+        if now <= previous {
+            now = previous.saturating_add(1) & TS_MASK;
+        }
+        self.word.store(now | BUSY, Ordering::Release);
+    }
+
+    /// A poll ends: one load and one store, plus a clock read when the watchdog flagged it.
+    #[inline]
+    pub(crate) fn poll_end(&self) {
+        let current = self.word.load(Ordering::Relaxed);
+        if current & BUSY == 0 {
+            return;
+        }
+        if current & FLAGGED != 0 {
+            self.end.store(crate::clock::raw(), Ordering::Relaxed);
+        }
+        self.word.store(current & TS_MASK, Ordering::Release);
+    }
+
+    /// A span was entered on this thread.
+    #[inline]
+    pub(crate) fn enter(&self, id: u64) {
+        let depth = self.depth.load(Ordering::Relaxed);
+        if depth == self.base.load(Ordering::Relaxed) {
+            // A current-thread runtime's thread is only a worker inside `block_on`.
+            if !self.poll_hooks
+                && (!self.current_thread || tokio::runtime::worker_index().is_some())
+            {
+                self.poll_start();
+            }
+            self.record_poll_span(id);
+        }
+        if let Some(entry) = self.stack.get(depth) {
+            entry.store(id, Ordering::Relaxed);
+        }
+        self.depth.store(depth.saturating_add(1), Ordering::Release);
+    }
+
+    /// A span was exited on this thread.
+    #[inline]
+    pub(crate) fn exit(&self, id: u64) {
+        let depth = self.depth.load(Ordering::Relaxed);
+        if depth == 0 {
+            // Entered before this thread had a slot.
+            return;
+        }
+        let top = depth - 1;
+        if let Some(entry) = self.stack.get(top) {
+            if entry.load(Ordering::Relaxed) != id {
+                self.remove_out_of_order(top, id);
+            }
+        }
+        self.depth.store(top, Ordering::Release);
+        if top == self.base.load(Ordering::Relaxed) && !self.poll_hooks {
+            self.poll_end();
+        }
+    }
+
+    /// `tracing` allows exiting a span that is not the innermost one; keep the recorded
+    /// stack in order by moving the inner entries down over the exited one.
+    #[cold]
+    fn remove_out_of_order(&self, top: usize, id: u64) {
+        let Some(position) = (0..top)
+            .rev()
+            .find(|&i| self.stack[i].load(Ordering::Relaxed) == id)
+        else {
+            return;
+        };
+        for i in position..top {
+            let inner = self.stack[i + 1].load(Ordering::Relaxed);
+            self.stack[i].store(inner, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn record_poll_span(&self, id: u64) {
+        if self.last_ring_id.load(Ordering::Relaxed) == id {
+            return;
+        }
+        self.last_ring_id.store(id, Ordering::Relaxed);
+        let head = self.ring_head.load(Ordering::Relaxed);
+        self.ring[head % RING].store(id, Ordering::Relaxed);
+        self.ring_head
+            .store(head.wrapping_add(1), Ordering::Release);
+    }
+
+    /// The worker is about to park: whatever ran is over.
+    #[inline]
+    pub(crate) fn park(&self) {
+        self.poll_end();
+        self.parked.store(true, Ordering::Release);
+    }
+
+    /// The worker woke up; polls start from the current span depth.
+    #[inline]
+    pub(crate) fn unpark(&self) {
+        self.base
+            .store(self.depth.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.parked.store(false, Ordering::Release);
+    }
+
+    /// A task poll starts (tokio's poll hook): remember the task, then start the poll.
+    #[cfg_attr(not(tokio_unstable), allow(dead_code))]
+    #[inline]
+    pub(crate) fn task_poll_start(&self, task_id: u64, spawned_at: &'static Location<'static>) {
+        self.task_id.store(task_id, Ordering::Relaxed);
+        self.spawned_at
+            .store(ptr::from_ref(spawned_at).cast_mut(), Ordering::Relaxed);
+        self.base
+            .store(self.depth.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.poll_start();
+    }
+
+    // ---- watchdog side ---------------------------------------------------------------
+
+    /// A consistent view of the activity word with the depth and park state.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            word: self.word.load(Ordering::Acquire),
+            depth: self.depth.load(Ordering::Acquire),
+            parked: self.parked.load(Ordering::Acquire),
+        }
+    }
+
+    /// The raw activity word.
+    pub(crate) fn word(&self) -> u64 {
+        self.word.load(Ordering::Acquire)
+    }
+
+    /// Declares the poll identified by `busy_word` a stall. Fails when that poll is over.
+    pub(crate) fn flag(&self, busy_word: u64) -> bool {
+        self.word
+            .compare_exchange(
+                busy_word,
+                busy_word | FLAGGED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The end the owner published for a flagged poll that started at `start`, if it did.
+    pub(crate) fn published_end(&self, start: u64) -> Option<u64> {
+        let end = self.end.load(Ordering::Acquire);
+        (end > start).then_some(end)
+    }
+
+    /// The span ids entered on the thread, outermost first (at most `STACK_DEPTH`).
+    pub(crate) fn entered_spans(&self, depth: usize) -> impl Iterator<Item = u64> + '_ {
+        self.stack
+            .iter()
+            .take(depth.min(STACK_DEPTH))
+            .map(|id| id.load(Ordering::Relaxed))
+            .filter(|&id| id != 0)
+    }
+
+    /// Calls `f` with each poll-level span id recorded since `cursor`, oldest first, and
+    /// advances `cursor`. Entries overwritten before they were read are skipped.
+    pub(crate) fn drain_poll_spans(&self, cursor: &mut usize, mut f: impl FnMut(u64)) {
+        let head = self.ring_head.load(Ordering::Acquire);
+        let mut from = *cursor;
+        if head.wrapping_sub(from) > RING {
+            from = head.wrapping_sub(RING);
+        }
+        while from != head {
+            f(self.ring[from % RING].load(Ordering::Relaxed));
+            from = from.wrapping_add(1);
+        }
+        *cursor = head;
+    }
+
+    /// The task being polled, when tokio's poll hooks report it.
+    pub(crate) fn task(&self) -> Option<(u64, &'static Location<'static>)> {
+        let id = self.task_id.load(Ordering::Relaxed);
+        let location = self.spawned_at.load(Ordering::Relaxed);
+        if id == 0 || location.is_null() {
+            return None;
+        }
+        // SAFETY: the pointer was made from a `&'static Location<'static>` in
+        // `task_poll_start` and is never written with anything else.
+        Some((id, unsafe { &*location }))
+    }
+
+    /// The owner thread has exited.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+}
+
+/// The slots registered by one looplag instance's runtime hooks.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub(crate) instance: u64,
+    pub(crate) poll_hooks: AtomicBool,
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+impl Registry {
+    pub(crate) fn new(instance: u64) -> Self {
+        Registry {
+            instance,
+            poll_hooks: AtomicBool::new(false),
+            slots: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with the calling thread's slot for this instance, registering the thread
+    /// first if needed. Registration (once per thread) allocates and takes a lock; every
+    /// later call is a thread-local read and a compare.
+    #[inline]
+    pub(crate) fn with_slot(&self, f: impl Fn(&Slot)) {
+        let handled = with_current(|slot| {
+            if slot.instance == self.instance {
+                f(slot);
+                true
+            } else {
+                false
+            }
+        });
+        if handled != Some(true) {
+            self.register();
+            with_current(|slot| {
+                if slot.instance == self.instance {
+                    f(slot);
+                }
+            });
+        }
+    }
+
+    #[cold]
+    fn register(&self) {
+        let slot = Arc::new(Slot::new(
+            self.instance,
+            self.poll_hooks.load(Ordering::Relaxed),
+        ));
+        let installed = LOCAL
+            .try_with(|local| {
+                local.slot.set(ptr::null());
+                let Ok(mut owner) = local.owner.try_borrow_mut() else {
+                    return false;
+                };
+                if let Some(previous) = owner.replace(Arc::clone(&slot)) {
+                    previous.dead.store(true, Ordering::Release);
+                }
+                local.slot.set(Arc::as_ptr(&slot));
+                true
+            })
+            .unwrap_or(false);
+        if !installed {
+            // The thread is exiting; it will not run tasks any more.
+            return;
+        }
+        match self.slots.lock() {
+            Ok(mut slots) => slots.push(slot),
+            Err(poisoned) => poisoned.into_inner().push(slot),
+        }
+    }
+
+    /// The live slots, with dead ones pruned.
+    pub(crate) fn live(&self) -> Vec<Arc<Slot>> {
+        let mut slots = match self.slots.lock() {
+            Ok(slots) => slots,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slots.retain(|slot| !slot.is_dead());
+        slots.clone()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn os_tid() -> Option<i64> {
+    // SAFETY: `gettid` takes no arguments, cannot fail and has no side effects.
+    Some(unsafe { libc::syscall(libc::SYS_gettid) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn os_tid() -> Option<i64> {
+    None
+}

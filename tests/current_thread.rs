@@ -1,0 +1,149 @@
+//! A 200 ms blocking sleep inside `req_a` on a current-thread runtime, with `req_b` and
+//! `req_c` in flight.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use opentelemetry::Value;
+use tracing::Instrument;
+
+/// Tolerance on measured stall durations: the stall is measured at poll boundaries, so the
+/// only error is the sleep's own overshoot and scheduling noise on a loaded 2-core machine.
+const TOLERANCE: Duration = Duration::from_millis(25);
+
+#[test]
+fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
+    let h = harness(|b| b);
+    let runtime = current_thread(&h.looplag);
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+
+    runtime.block_on(async {
+        let b = tokio::spawn(
+            async { tokio::time::sleep(Duration::from_millis(600)).await }
+                .instrument(tracing::info_span!("req_b")),
+        );
+        let c = tokio::spawn(
+            async { tokio::time::sleep(Duration::from_millis(600)).await }
+                .instrument(tracing::info_span!("req_c")),
+        );
+        // Let the probe and req_b/req_c run before the stall.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let a = tokio::spawn(
+            async { std::thread::sleep(Duration::from_millis(200)) }
+                .instrument(tracing::info_span!("req_a")),
+        );
+        a.await.unwrap();
+        b.await.unwrap();
+        c.await.unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(2), || h.ended_reports().len() == 1),
+        "one ended stall report: {:#?}",
+        h.reports()
+    );
+    // Let the probe that waited through the stall be collected.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(watchdog);
+
+    let stalls = h.stall_spans();
+    assert_eq!(stalls.len(), 1, "exactly one stall span: {stalls:#?}");
+    let stall = &stalls[0];
+    let req_a = h.span_named("req_a");
+    assert_eq!(
+        stall.parent_span_id,
+        span_id(&req_a),
+        "stall is a child of req_a"
+    );
+    assert_eq!(stall.span_context.trace_id(), req_a.span_context.trace_id());
+    let duration = span_duration(stall);
+    assert!(
+        duration >= Duration::from_millis(200)
+            && duration <= Duration::from_millis(200) + TOLERANCE,
+        "stall span lasts 200 ms (+{TOLERANCE:?}): {duration:?}"
+    );
+    assert_eq!(attr(stall, "tokio.runtime.name"), Some(Value::from("main")));
+    assert!(matches!(attr(stall, "thread.id"), Some(Value::I64(_))));
+    assert_eq!(
+        attr(stall, "tokio.eventloop.stall.victims"),
+        Some(Value::I64(2))
+    );
+
+    for name in ["req_b", "req_c"] {
+        let victim = h.span_named(name);
+        let events: Vec<_> = victim
+            .events
+            .iter()
+            .filter(|event| event.name == "tokio.eventloop.stall")
+            .collect();
+        assert_eq!(
+            events.len(),
+            1,
+            "{name} carries one victim event: {victim:#?}"
+        );
+        let event = events[0];
+        let get = |key: &str| {
+            event
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.clone())
+        };
+        match get("tokio.eventloop.stall.duration") {
+            Some(Value::F64(seconds)) => {
+                assert!((seconds - duration.as_secs_f64()).abs() < 1e-6, "{seconds}")
+            }
+            other => panic!("duration attribute is an f64: {other:?}"),
+        }
+        assert_eq!(
+            get("tokio.eventloop.stall.trace_id"),
+            Some(Value::from(stall.span_context.trace_id().to_string()))
+        );
+        assert_eq!(
+            get("tokio.eventloop.stall.span_id"),
+            Some(Value::from(stall.span_context.span_id().to_string()))
+        );
+        assert!(
+            victim
+                .links
+                .iter()
+                .any(|link| link.span_context == stall.span_context),
+            "{name} links to the stall span: {:#?}",
+            victim.links
+        );
+    }
+    let req_a_events = req_a
+        .events
+        .iter()
+        .filter(|event| event.name == "tokio.eventloop.stall")
+        .count();
+    assert_eq!(req_a_events, 0, "the culprit is not its own victim");
+
+    assert_eq!(h.counter("tokio.eventloop.stalls"), 1);
+    let stall_hist = h
+        .histogram("tokio.eventloop.stall.duration")
+        .expect("duration histogram");
+    assert_eq!(stall_hist.count, 1);
+    assert_eq!(stall_hist.unit, "s");
+    assert!((stall_hist.max - duration.as_secs_f64()).abs() < 1e-6);
+
+    let delay = h
+        .histogram("tokio.eventloop.delay")
+        .expect("delay histogram");
+    assert_eq!(delay.unit, "s");
+    assert!(
+        delay.max >= 0.150 && delay.max <= 0.200 + 0.050,
+        "the probe that waited through the stall saw about 200 ms: {delay:?}"
+    );
+    // Coordinated omission: the ticks skipped during the stall are back-filled, so about
+    // 200 ms / 10 ms samples are 25 ms or more, not just one.
+    assert!(
+        delay.count_at_least(0.025) >= 12,
+        "samples missed during the stall are accounted for: {delay:?}"
+    );
+    assert_eq!(
+        delay.attributes,
+        vec![("tokio.runtime.name".to_string(), "main".to_string())]
+    );
+}
