@@ -95,7 +95,8 @@ EXPORTER_LABELS = {"job", "instance", "otel_scope_name", "otel_scope_version", "
 #   * gauges with unit "1" get "_ratio";
 #   * a classic histogram is exposed as <name>_bucket{le=...}, <name>_sum, <name>_count.
 # Attribute keys become labels by replacing every character outside [a-zA-Z0-9_] with "_"
-# (otlptranslator LabelNamer; a leading digit gets a "key_" prefix).
+# (otlptranslator LabelNamer; a leading digit gets a "key_" prefix, a single leading "_" a
+# "key" prefix).
 # --------------------------------------------------------------------------------------
 UNIT_WORDS = {
     "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds",
@@ -146,6 +147,8 @@ def translate_label(key: str) -> str:
     label = re.sub(r"[^a-zA-Z0-9_]", "_", key)
     if label[:1].isdigit():
         label = "key_" + label
+    elif label.startswith("_") and not label.startswith("__"):
+        label = "key" + label
     return label
 
 
@@ -727,8 +730,11 @@ class Checker:
                 tok = tok.rstrip(".")
                 if tok not in self.names:
                     self.error(self.rel(path), f"{tok} is not a name the crate emits")
+            # Histogram base names are allowed in prose (the native-histogram name when users
+            # switch to exponential aggregation); PromQL is held to the classic series above.
+            bases = {translate_metric(n, k, u) for n, (k, u, _a) in self.metrics.items()}
             for tok in set(re.findall(r"(?<![\w.])tokio_[a-z0-9_]+", text)):
-                if tok not in self.series and tok not in self.all_labels:
+                if tok not in self.series and tok not in self.all_labels and tok not in bases:
                     self.error(self.rel(path), f"{tok} is not a Prometheus series or label the crate's telemetry translates to")
 
     # ---- promtool --------------------------------------------------------------------
