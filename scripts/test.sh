@@ -12,6 +12,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+step "collector config, alert rules and dashboard match the crate's telemetry names"
+python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet pyyaml
+PROMTOOL="$(./scripts/promtool.sh)" python3 scripts/check_collector_config.py --require-promtool
+
 step "format and lints"
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings

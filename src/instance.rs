@@ -177,8 +177,10 @@ impl LoopLag {
     /// Starts the watchdog thread and the delay probe for the runtime behind `handle`.
     ///
     /// The watchdog runs until the returned [`Watchdog`] is dropped. On a runtime that was
-    /// not built through [`hook_runtime`](LoopLag::hook_runtime), only the delay histogram
-    /// is exported and looplag says once, in a WARN, that stall detection is off.
+    /// not built through [`hook_runtime`](LoopLag::hook_runtime), looplag says once, in a
+    /// WARN, that exact stall detection is off: a current-thread runtime then exports only
+    /// the delay histogram, and a multi-thread runtime also gets stalls estimated from
+    /// tokio's worker metrics, without the culprit's span or thread.
     ///
     /// # Errors
     ///

@@ -135,14 +135,25 @@ impl Watch {
         );
         let hooked = inner.hooked.load(Ordering::Relaxed);
         if !hooked {
-            tracing::warn!(
-                target: "looplag",
-                runtime = %inner.config.runtime_name,
-                "stall detection is off for runtime `{}`: LoopLag::hook_runtime was not called \
-                 on its builder, so looplag cannot tell its workers from blocking threads; only \
-                 tokio.eventloop.delay is exported",
-                inner.config.runtime_name
-            );
+            if multi_thread {
+                tracing::warn!(
+                    target: "looplag",
+                    runtime = %inner.config.runtime_name,
+                    "exact stall detection is off for runtime `{}`: LoopLag::hook_runtime was \
+                     not called on its builder, so looplag cannot tell its workers from blocking \
+                     threads; stalls are estimated from tokio's worker metrics instead, without \
+                     the culprit's span or thread",
+                    inner.config.runtime_name
+                );
+            } else {
+                tracing::warn!(
+                    target: "looplag",
+                    runtime = %inner.config.runtime_name,
+                    "stall detection is off for runtime `{}`: LoopLag::hook_runtime was not \
+                     called on its builder; only tokio.eventloop.delay is exported",
+                    inner.config.runtime_name
+                );
+            }
         }
         Watch {
             probe: Probe::new(inner.config.sample_interval),

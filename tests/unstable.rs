@@ -1,0 +1,51 @@
+//! With `--cfg tokio_unstable`, tokio's task poll hooks give every poll exact boundaries,
+//! and stall spans carry the task id and spawn location. (This file has tests only in the
+//! `tokio_unstable` build, which `scripts/test.sh` runs.)
+#![cfg(tokio_unstable)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use opentelemetry::Value;
+
+#[test]
+fn uninstrumented_stall_is_exact_with_task_id_and_spawn_location() {
+    let h = harness(|b| b);
+    let runtime = multi_thread(&h.looplag, 2);
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+    let spawn_line = line!() + 1;
+    let task = runtime.spawn(async { std::thread::sleep(Duration::from_millis(200)) });
+    runtime.block_on(task).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || h
+        .ended_reports()
+        .len()
+        == 1));
+    drop(watchdog);
+
+    let stalls = h.stall_spans();
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    let stall = &stalls[0];
+    let duration = span_duration(stall);
+    assert!(
+        duration >= Duration::from_millis(200) && duration <= Duration::from_millis(225),
+        "exact without any span: {duration:?}"
+    );
+    assert_eq!(
+        attr(stall, "tokio.eventloop.stall.exact"),
+        Some(Value::Bool(true))
+    );
+    assert!(matches!(attr(stall, "tokio.task.id"), Some(Value::I64(id)) if id > 0));
+    assert_eq!(
+        attr(stall, "code.file.path"),
+        Some(Value::from(file!().to_string()))
+    );
+    assert_eq!(
+        attr(stall, "code.line.number"),
+        Some(Value::I64(i64::from(spawn_line)))
+    );
+    let report = &h.ended_reports()[0];
+    assert!(report.task_id.is_some());
+    assert_eq!(report.spawn_location.map(|l| l.line()), Some(spawn_line));
+}
