@@ -27,6 +27,9 @@ step "tests, stable build"
 cargo nextest run --no-fail-fast
 cargo test --doc --quiet
 
+step "stacks in a release build (debug = \"line-tables-only\") still name the culprit"
+cargo nextest run --release --no-fail-fast --test stacks
+
 step "tests, --cfg tokio_unstable build"
 RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" \
     CARGO_TARGET_DIR=target/unstable cargo clippy --all-targets -- -D warnings

@@ -17,12 +17,18 @@ pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_millis(50);
 /// Default [`Builder::max_victims`]: 1000 spans per stall.
 pub const DEFAULT_MAX_VICTIMS: usize = 1000;
+/// Default [`Builder::stack_signal`]: 42, a real-time signal (`SIGRTMIN + 8` with glibc) that
+/// common runtimes, profilers and tools leave alone.
+pub const DEFAULT_STACK_SIGNAL: i32 = crate::stack::DEFAULT_STACK_SIGNAL;
+/// Default [`Builder::max_stacks_per_minute`]: 30.
+pub const DEFAULT_MAX_STACKS_PER_MINUTE: u32 = 30;
 
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_STALL_THRESHOLD: Duration = Duration::from_secs(3600);
 const MAX_RUNTIME_NAME_LEN: usize = 128;
 const MAX_VICTIMS_LIMIT: usize = 100_000;
+const MAX_STACKS_PER_MINUTE_LIMIT: u32 = 6000;
 
 pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
 
@@ -51,6 +57,9 @@ pub struct Builder {
     pub(crate) sample_interval: Duration,
     pub(crate) stall_threshold: Duration,
     pub(crate) max_victims: usize,
+    pub(crate) capture_stacks: bool,
+    pub(crate) stack_signal: i32,
+    pub(crate) max_stacks_per_minute: u32,
     pub(crate) meter: Option<Meter>,
     pub(crate) tracer: Option<BoxedTracer>,
     pub(crate) on_stall: Option<StallCallback>,
@@ -63,6 +72,9 @@ impl fmt::Debug for Builder {
             .field("sample_interval", &self.sample_interval)
             .field("stall_threshold", &self.stall_threshold)
             .field("max_victims", &self.max_victims)
+            .field("capture_stacks", &self.capture_stacks)
+            .field("stack_signal", &self.stack_signal)
+            .field("max_stacks_per_minute", &self.max_stacks_per_minute)
             .field("meter", &self.meter.as_ref().map(|_| "custom"))
             .field("tracer", &self.tracer.as_ref().map(|_| "custom"))
             .field("on_stall", &self.on_stall.as_ref().map(|_| "set"))
@@ -77,6 +89,9 @@ impl Default for Builder {
             sample_interval: DEFAULT_SAMPLE_INTERVAL,
             stall_threshold: DEFAULT_STALL_THRESHOLD,
             max_victims: DEFAULT_MAX_VICTIMS,
+            capture_stacks: true,
+            stack_signal: DEFAULT_STACK_SIGNAL,
+            max_stacks_per_minute: DEFAULT_MAX_STACKS_PER_MINUTE,
             meter: None,
             tracer: None,
             on_stall: None,
@@ -91,6 +106,17 @@ pub(crate) struct Config {
     pub(crate) sample_interval: Duration,
     pub(crate) stall_threshold: Duration,
     pub(crate) max_victims: usize,
+    /// Stacks are captured (the handler is installed and the platform supports it).
+    pub(crate) stacks: StackSupport,
+    pub(crate) max_stacks_per_minute: u32,
+}
+
+/// Whether stall stacks can be captured, decided at `build()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StackSupport {
+    Enabled,
+    Disabled,
+    Unsupported,
 }
 
 impl Builder {
@@ -133,6 +159,43 @@ impl Builder {
     pub fn max_victims(self, max: usize) -> Self {
         Builder {
             max_victims: max,
+            ..self
+        }
+    }
+
+    /// Sets whether the watchdog records the blocked thread's stack when it detects a stall.
+    ///
+    /// The stack is taken while the thread is still blocked, by sending it
+    /// [`stack_signal`](Builder::stack_signal); the handler copies the thread's registers and
+    /// stack and returns, and the watchdog unwinds and symbolizes the copy. Linux x86_64 only;
+    /// elsewhere reports say no stack was taken. By default, `true`.
+    pub fn capture_stacks(self, capture: bool) -> Self {
+        Builder {
+            capture_stacks: capture,
+            ..self
+        }
+    }
+
+    /// Sets the signal sent to a stalled thread to record its stack.
+    ///
+    /// `build()` installs the handler and fails if another handler is already installed for
+    /// that signal, rather than replacing it. Accepted: `SIGUSR1`, `SIGUSR2` or a real-time
+    /// signal (`SIGRTMIN..=SIGRTMAX`). By default, 42 ([`DEFAULT_STACK_SIGNAL`]).
+    pub fn stack_signal(self, signal: i32) -> Self {
+        Builder {
+            stack_signal: signal,
+            ..self
+        }
+    }
+
+    /// Sets how many stacks the watchdog may capture per minute (a token bucket that refills
+    /// continuously). Stalls over the limit are still detected, counted and reported; their
+    /// reports say the stack was rate limited and how many captures were suppressed.
+    ///
+    /// `0` captures no stacks. Accepted: 0 to 6000. By default, 30.
+    pub fn max_stacks_per_minute(self, max: u32) -> Self {
+        Builder {
+            max_stacks_per_minute: max,
             ..self
         }
     }
@@ -191,7 +254,9 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidSetting`] for the first setting outside its accepted range.
+    /// [`Error::InvalidSetting`] for the first setting outside its accepted range, including a
+    /// [`stack_signal`](Builder::stack_signal) that is not accepted or already has a handler;
+    /// [`Error::StackHandler`] if the operating system refuses to install the handler.
     #[must_use = "looplag does nothing until its layer is installed and it is started"]
     pub fn build(self) -> Result<LoopLag, Error> {
         let config = self.validate()?;
@@ -237,11 +302,49 @@ impl Builder {
                 accepted: "a count from 0 to 100000",
             });
         }
+        if self.max_stacks_per_minute > MAX_STACKS_PER_MINUTE_LIMIT {
+            return Err(Error::InvalidSetting {
+                setting: "max_stacks_per_minute",
+                value: self.max_stacks_per_minute.to_string(),
+                accepted: "a count from 0 to 6000",
+            });
+        }
+        let stacks = if !self.capture_stacks || self.max_stacks_per_minute == 0 {
+            StackSupport::Disabled
+        } else {
+            self.install_stack_handler()?
+        };
         Ok(Config {
             runtime_name: self.runtime_name.clone(),
             sample_interval: self.sample_interval,
             stall_threshold: self.stall_threshold,
             max_victims: self.max_victims,
+            stacks,
+            max_stacks_per_minute: self.max_stacks_per_minute,
         })
+    }
+
+    fn install_stack_handler(&self) -> Result<StackSupport, Error> {
+        use crate::stack::StackError;
+        const ACCEPTED: &str =
+            "SIGUSR1, SIGUSR2 or a real-time signal (SIGRTMIN..=SIGRTMAX) with no other handler";
+        match crate::stack::install(self.stack_signal) {
+            Ok(()) => Ok(StackSupport::Enabled),
+            Err(StackError::Unsupported) => Ok(StackSupport::Unsupported),
+            Err(StackError::InvalidSignal { signal }) => Err(Error::InvalidSetting {
+                setting: "stack_signal",
+                value: signal.to_string(),
+                accepted: ACCEPTED,
+            }),
+            Err(StackError::SignalInUse { signal }) => Err(Error::InvalidSetting {
+                setting: "stack_signal",
+                value: format!("{signal} (another handler is installed for it)"),
+                accepted: ACCEPTED,
+            }),
+            Err(StackError::Os(err)) => Err(Error::StackHandler(err)),
+            Err(other) => Err(Error::StackHandler(std::io::Error::other(
+                other.to_string(),
+            ))),
+        }
     }
 }

@@ -43,6 +43,10 @@ pub enum Error {
     },
     /// The operating system refused to start the watchdog thread.
     WatchdogThread(std::io::Error),
+    /// The operating system refused to install the stack-capture signal handler; choose
+    /// another [`stack_signal`](crate::Builder::stack_signal) or turn
+    /// [`capture_stacks`](crate::Builder::capture_stacks) off.
+    StackHandler(std::io::Error),
 }
 
 impl fmt::Display for Error {
@@ -64,6 +68,11 @@ impl fmt::Display for Error {
             Error::WatchdogThread(err) => {
                 write!(f, "looplag could not start its watchdog thread: {err}")
             }
+            Error::StackHandler(err) => write!(
+                f,
+                "looplag could not install its stack-capture signal handler: {err} (choose \
+                 another stack_signal or set capture_stacks(false))"
+            ),
         }
     }
 }
@@ -71,7 +80,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::WatchdogThread(err) => Some(err),
+            Error::WatchdogThread(err) | Error::StackHandler(err) => Some(err),
             _ => None,
         }
     }

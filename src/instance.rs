@@ -193,6 +193,14 @@ impl LoopLag {
                 runtime_name: self.inner.config.runtime_name.clone(),
             });
         }
+        if self.inner.hooked.load(Ordering::Relaxed)
+            && matches!(
+                handle.runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::CurrentThread
+            )
+        {
+            self.inner.registry.register_current_thread_driver();
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let inner = Arc::clone(&self.inner);

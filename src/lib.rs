@@ -53,20 +53,24 @@
 
 mod clock;
 mod config;
+mod diagnosis;
 mod error;
 mod instance;
 mod layer;
 mod probe;
 mod report;
 mod slots;
+mod stack;
+mod symbolizer;
 mod telemetry;
 mod watchdog;
 
 pub use config::{
-    Builder, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL,
-    DEFAULT_STALL_THRESHOLD,
+    Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME,
+    DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
+pub use diagnosis::StallKind;
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::LoopLagLayer;
-pub use report::{StallReport, StallState};
+pub use report::{StackCapture, StackFrame, StallReport, StallState};

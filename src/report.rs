@@ -6,6 +6,84 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanId, TraceId};
 
+use crate::StallKind;
+
+/// One frame of a stalled thread's stack, innermost first in [`StackCapture::Captured`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StackFrame {
+    /// The demangled function name, or `<unknown>`.
+    pub function: String,
+    /// The source file, when debug info has it.
+    pub file: Option<String>,
+    /// The source line, when debug info has it.
+    pub line: Option<u32>,
+}
+
+impl fmt::Display for StackFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.function)?;
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, " at {file}:{line}"),
+            (Some(file), None) => write!(f, " at {file}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The stack of the blocked thread, or why there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StackCapture {
+    /// Taken while the thread was blocked, innermost frame first, signal frames removed.
+    Captured(Vec<StackFrame>),
+    /// Taken while the thread was blocked, and being symbolized on looplag's symbolizer
+    /// thread (debug info loads slowly the first time); later reports of the same stall,
+    /// and its span, carry the frames.
+    Symbolizing,
+    /// Not taken: [`max_stacks_per_minute`](crate::Builder::max_stacks_per_minute) was
+    /// reached. `suppressed` counts every capture skipped so far by this instance.
+    RateLimited {
+        /// Captures suppressed by the rate limit since the watchdog started.
+        suppressed: u64,
+    },
+    /// Not taken: [`capture_stacks`](crate::Builder::capture_stacks) is off.
+    Disabled,
+    /// Not taken: stack capture is implemented for Linux x86_64 only.
+    Unsupported,
+    /// Not taken: the blocked thread is not known (a stall estimated from tokio's metrics).
+    UnknownThread,
+    /// The capture was attempted and failed; the text says why.
+    Failed(String),
+}
+
+impl StackCapture {
+    /// The frames, when the stack was captured.
+    pub fn frames(&self) -> Option<&[StackFrame]> {
+        match self {
+            StackCapture::Captured(frames) => Some(frames),
+            _ => None,
+        }
+    }
+
+    /// A short machine-readable reason when no stack was taken (`rate_limited`, `disabled`,
+    /// `unsupported`, `unknown_thread`, `failed`).
+    pub fn status(&self) -> &'static str {
+        match self {
+            StackCapture::Captured(_) => "captured",
+            StackCapture::Symbolizing => "symbolizing",
+            StackCapture::RateLimited { .. } => "rate_limited",
+            StackCapture::Disabled => "disabled",
+            StackCapture::Unsupported => "unsupported",
+            StackCapture::UnknownThread => "unknown_thread",
+            StackCapture::Failed(_) => "failed",
+        }
+    }
+}
+
+/// How many stack frames the one-line summary (and the WARN log) shows.
+const TOP_FRAMES: usize = 8;
+
 /// Whether a [`StallReport`] describes a stall that is still going on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -66,6 +144,15 @@ pub struct StallReport {
     pub task_id: Option<u64>,
     /// Where the blocked task was spawned (with `--cfg tokio_unstable`).
     pub spawn_location: Option<&'static Location<'static>>,
+    /// What the thread was doing: on the CPU, blocked in the kernel, or both (Linux).
+    pub kind: Option<StallKind>,
+    /// CPU time the thread used during the stall (Linux; estimated from the observed part
+    /// of the stall while it is in progress).
+    pub cpu_time: Option<Duration>,
+    /// The system call the thread was blocked in when the stall was detected (Linux).
+    pub syscall: Option<&'static str>,
+    /// The blocked thread's stack, taken once when the stall was detected.
+    pub stack: StackCapture,
     /// Number of waiting request spans that got the victim event (ended stalls only).
     pub victims: usize,
     /// Number of waiting request spans over the [`max_victims`](crate::Builder::max_victims)
@@ -113,8 +200,37 @@ impl fmt::Display for StallReport {
                 )?;
             }
         }
+        if let Some(kind) = self.kind {
+            write!(f, "; {}", kind.as_str())?;
+            if let Some(cpu) = self.cpu_time {
+                write!(f, " ({:.1} ms on CPU)", cpu.as_secs_f64() * 1e3)?;
+            }
+            if let Some(syscall) = self.syscall {
+                write!(f, ", waiting in {syscall}")?;
+            }
+        }
         if let Some(trace_id) = self.trace_id {
             write!(f, " [trace {trace_id}]")?;
+        }
+        match &self.stack {
+            StackCapture::Captured(frames) => {
+                for frame in frames.iter().take(TOP_FRAMES) {
+                    write!(f, "\n    at {frame}")?;
+                }
+                if frames.len() > TOP_FRAMES {
+                    write!(f, "\n    ... {} more frames", frames.len() - TOP_FRAMES)?;
+                }
+            }
+            StackCapture::RateLimited { suppressed } => write!(
+                f,
+                "\n    (no stack: rate limited, {suppressed} capture(s) suppressed so far)"
+            )?,
+            StackCapture::Failed(reason) => write!(f, "\n    (no stack: {reason})")?,
+            StackCapture::Symbolizing => write!(f, "\n    (stack captured, being symbolized)")?,
+            StackCapture::Disabled | StackCapture::Unsupported | StackCapture::UnknownThread => {}
+        }
+        if let Some(kind) = self.kind {
+            write!(f, "\n    advice: {}", crate::diagnosis::advice(kind))?;
         }
         Ok(())
     }

@@ -36,6 +36,7 @@ use std::panic::Location;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The thread is inside a poll.
 pub(crate) const BUSY: u64 = 1 << 62;
@@ -114,6 +115,8 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
 pub(crate) struct Slot {
     word: AtomicU64,
     end: AtomicU64,
+    /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
+    end_cpu: AtomicU64,
     depth: AtomicUsize,
     base: AtomicUsize,
     stack: [AtomicU64; STACK_DEPTH],
@@ -139,6 +142,10 @@ pub(crate) struct Slot {
     pub(crate) os_tid: i64,
     /// The owner's thread name, or `""`.
     pub(crate) thread_name: String,
+    /// Where to send the stack signal.
+    pub(crate) stack_target: crate::stack::ThreadTarget,
+    /// The owner's CPU clock (Linux), valid while the slot is not dead.
+    pub(crate) cpu_clock: Option<crate::diagnosis::CpuClock>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -173,11 +180,27 @@ impl Snapshot {
 }
 
 impl Slot {
-    fn new(instance: u64, poll_hooks: bool) -> Self {
+    /// A slot for the calling thread. `current_thread` says whether it drives a
+    /// current-thread runtime; `None` asks the runtime context (inside a runtime hook).
+    fn new(instance: u64, poll_hooks: bool, current_thread: Option<bool>) -> Self {
         let thread_uid = thread_uid();
+        let current_thread = current_thread.unwrap_or_else(|| {
+            tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+                matches!(
+                    handle.runtime_flavor(),
+                    tokio::runtime::RuntimeFlavor::CurrentThread
+                )
+            })
+        });
+        let worker_index = match tokio::runtime::worker_index() {
+            Some(index) => Some(index),
+            None if current_thread => Some(0),
+            None => None,
+        };
         Slot {
             word: AtomicU64::new(0),
             end: AtomicU64::new(0),
+            end_cpu: AtomicU64::new(0),
             depth: AtomicUsize::new(0),
             base: AtomicUsize::new(0),
             stack: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -190,19 +213,16 @@ impl Slot {
             dead: AtomicBool::new(false),
             instance,
             poll_hooks,
-            current_thread: tokio::runtime::Handle::try_current().is_ok_and(|handle| {
-                matches!(
-                    handle.runtime_flavor(),
-                    tokio::runtime::RuntimeFlavor::CurrentThread
-                )
-            }),
-            worker_index: tokio::runtime::worker_index(),
+            current_thread,
+            worker_index,
             thread_uid,
             os_tid: os_tid().unwrap_or(thread_uid as i64),
             thread_name: std::thread::current()
                 .name()
                 .unwrap_or_default()
                 .to_string(),
+            stack_target: crate::stack::ThreadTarget::current(),
+            cpu_clock: crate::diagnosis::CpuClock::current(),
         }
     }
 
@@ -227,9 +247,20 @@ impl Slot {
             return;
         }
         if current & FLAGGED != 0 {
-            self.end.store(crate::clock::raw(), Ordering::Relaxed);
+            self.flagged_end();
         }
         self.word.store(current & TS_MASK, Ordering::Release);
+    }
+
+    /// A flagged poll ends: publish the end time and the CPU time (rare: stalls only).
+    #[cold]
+    fn flagged_end(&self) {
+        self.end.store(crate::clock::raw(), Ordering::Relaxed);
+        let cpu = self
+            .cpu_clock
+            .and_then(|clock| clock.cpu_time())
+            .map_or(0, |cpu| u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX));
+        self.end_cpu.store(cpu, Ordering::Relaxed);
     }
 
     /// A span was entered on this thread.
@@ -354,10 +385,23 @@ impl Slot {
             .is_ok()
     }
 
-    /// The end the owner published for a flagged poll that started at `start`, if it did.
-    pub(crate) fn published_end(&self, start: u64) -> Option<u64> {
+    /// The end (raw clock) and CPU time (when known) the owner published for a flagged poll
+    /// that started at `start`, if it did.
+    pub(crate) fn published_end(&self, start: u64) -> Option<(u64, Option<Duration>)> {
         let end = self.end.load(Ordering::Acquire);
-        (end > start).then_some(end)
+        if end <= start {
+            return None;
+        }
+        let cpu = self.end_cpu.load(Ordering::Relaxed);
+        Some((end, (cpu != 0).then(|| Duration::from_nanos(cpu))))
+    }
+
+    /// The owner's CPU time now, if it can be read.
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+        if self.is_dead() {
+            return None;
+        }
+        self.cpu_clock.and_then(|clock| clock.cpu_time())
     }
 
     /// The span ids entered on the thread, outermost first (at most `STACK_DEPTH`).
@@ -442,11 +486,29 @@ impl Registry {
         }
     }
 
+    /// Registers the calling thread as the driver of this instance's current-thread runtime,
+    /// unless it already has a slot here. `LoopLag::start` calls it: the thread that starts
+    /// the watchdog usually calls `block_on` next, and a runtime whose first task blocks never
+    /// parks before it, so the park hook would register the thread too late. Polls only
+    /// count while the thread is inside `block_on` (see `Slot::enter`), so registering a
+    /// thread that never drives the runtime is harmless.
+    pub(crate) fn register_current_thread_driver(&self) {
+        let registered = with_current(|slot| slot.instance == self.instance).unwrap_or(false);
+        if !registered {
+            self.register_with(Some(true));
+        }
+    }
+
     #[cold]
     fn register(&self) {
+        self.register_with(None);
+    }
+
+    fn register_with(&self, current_thread: Option<bool>) {
         let slot = Arc::new(Slot::new(
             self.instance,
             self.poll_hooks.load(Ordering::Relaxed),
+            current_thread,
         ));
         let installed = LOCAL
             .try_with(|local| {

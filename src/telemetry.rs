@@ -39,7 +39,6 @@ pub(crate) const THREAD_ID: &str = "thread.id";
 /// Attribute: name of the blocked thread.
 pub(crate) const THREAD_NAME: &str = "thread.name";
 /// Attribute: the stack of the blocking code, when captured.
-#[allow(dead_code)]
 pub(crate) const CODE_STACKTRACE: &str = "code.stacktrace";
 /// Attribute: id of the blocked task (int), when known.
 pub(crate) const TASK_ID: &str = "tokio.task.id";
@@ -52,6 +51,16 @@ pub(crate) const WORKER_INDEX: &str = "tokio.worker.index";
 /// Attribute: `true` when start and end were taken at poll boundaries, `false` when they
 /// were estimated from the watchdog's samples (uninstrumented stall on a stable build).
 pub(crate) const STALL_EXACT: &str = "tokio.eventloop.stall.exact";
+
+/// Attribute (stall span, stall counter, stall duration histogram): what the blocked thread
+/// was doing: `cpu`, `blocked` or `mixed` (bounded cardinality).
+pub(crate) const STALL_KIND: &str = "tokio.eventloop.stall.kind";
+/// Stall span attribute: CPU time the blocked thread used during the stall (f64, s).
+pub(crate) const STALL_CPU_TIME: &str = "tokio.eventloop.stall.cpu_time";
+/// Stall span attribute: the system call the blocked thread was waiting in, when known.
+pub(crate) const STALL_SYSCALL: &str = "tokio.eventloop.stall.syscall";
+/// Stall span attribute: why no stack was taken (`rate_limited`, `unsupported`, …).
+pub(crate) const STACK_STATUS: &str = "tokio.eventloop.stall.stack_status";
 
 /// Victim event attribute: the stall's duration (f64, s).
 pub(crate) const VICTIM_DURATION: &str = "tokio.eventloop.stall.duration";

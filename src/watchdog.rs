@@ -15,10 +15,14 @@ use opentelemetry::trace::{Span as _, SpanContext, SpanKind, TraceContextExt, Tr
 use opentelemetry::{Context, KeyValue};
 
 use crate::clock::{self, Anchor};
+use crate::config::StackSupport;
+use crate::diagnosis::{self, StallKind};
 use crate::instance::Inner;
 use crate::layer::{self, SpanAccess, SpanInfo};
 use crate::probe::Probe;
+use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
+use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
 use crate::{StallReport, StallState};
 
@@ -83,6 +87,8 @@ enum Source {
 }
 
 struct Active {
+    /// Watchdog-local id, to match the symbolized stack.
+    id: u64,
     source: Source,
     start: u64,
     /// Wall-clock time of `start`; the end time is derived from it, so the span's duration
@@ -94,6 +100,22 @@ struct Active {
     reports: u32,
     next_report: Duration,
     task: Option<(u64, &'static std::panic::Location<'static>)>,
+    diagnosis: Diagnosis,
+}
+
+/// What the watchdog learned about the blocked thread's activity.
+#[derive(Debug, Clone)]
+struct Diagnosis {
+    /// CPU time and raw clock at the first tick that saw this poll busy.
+    window: Option<(Duration, u64)>,
+    /// Time spent waiting for a CPU (run queue) and raw clock, at detection.
+    run_delay: Option<(Duration, u64)>,
+    kind: Option<StallKind>,
+    cpu_time: Option<Duration>,
+    syscall: Option<&'static str>,
+    stack: StackCapture,
+    /// The stack was captured and is being symbolized (`stack` is `Symbolizing`).
+    stack_pending: bool,
 }
 
 impl Active {
@@ -114,6 +136,15 @@ impl Active {
     }
 }
 
+/// A stall that ended, waiting for its stack to be symbolized.
+struct Ended {
+    active: Active,
+    duration: Duration,
+    victims: usize,
+    dropped: usize,
+    since: u64,
+}
+
 struct Watch {
     inner: Arc<Inner>,
     handle: tokio::runtime::Handle,
@@ -125,6 +156,47 @@ struct Watch {
     previous_tick: u64,
     started: Instant,
     warned_unhooked: bool,
+    /// Per slot (by thread uid): the busy word first seen, with the thread's CPU time then.
+    cpu_seen: HashMap<u64, (u64, Duration, u64)>,
+    stacks: StackBudget,
+    finishing: Vec<Ended>,
+    symbolizer: Option<Symbolizer>,
+    next_stall_id: u64,
+}
+
+/// Token bucket for stack captures: `per_minute` tokens, refilled continuously.
+#[derive(Debug)]
+struct StackBudget {
+    per_minute: u32,
+    tokens: f64,
+    refilled_at: u64,
+    suppressed: u64,
+}
+
+impl StackBudget {
+    fn new(per_minute: u32, now: u64) -> Self {
+        StackBudget {
+            per_minute,
+            tokens: f64::from(per_minute),
+            refilled_at: now,
+            suppressed: 0,
+        }
+    }
+
+    /// Takes a token if one is left; otherwise counts a suppressed capture.
+    fn take(&mut self, now: u64) -> bool {
+        let capacity = f64::from(self.per_minute);
+        let elapsed = clock::delta(self.refilled_at, now).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * capacity / 60.0).min(capacity);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.suppressed = self.suppressed.saturating_add(1);
+            false
+        }
+    }
 }
 
 impl Watch {
@@ -155,6 +227,8 @@ impl Watch {
                 );
             }
         }
+        let max_stacks = inner.config.max_stacks_per_minute;
+        let inner_stacks = inner.config.stacks;
         Watch {
             probe: Probe::new(inner.config.sample_interval),
             inner,
@@ -166,6 +240,11 @@ impl Watch {
             previous_tick: clock::raw(),
             started: Instant::now(),
             warned_unhooked: !hooked,
+            cpu_seen: HashMap::new(),
+            stacks: StackBudget::new(max_stacks, clock::raw()),
+            finishing: Vec::new(),
+            symbolizer: (inner_stacks == StackSupport::Enabled).then(Symbolizer::start),
+            next_stall_id: 1,
         }
     }
 
@@ -182,11 +261,14 @@ impl Watch {
             self.track_polled_roots(&slots, access);
         }
         self.track_workers(&slots, now);
+        self.track_cpu(&slots, now);
         self.check_active(now, access.as_ref());
         self.detect_exact(&slots, now, &anchor, access.as_ref());
         if !self.inner.registry.poll_hooks.load(Ordering::Relaxed) && self.multi_thread {
             self.detect_estimated(&slots, now, &anchor);
         }
+        self.collect_stacks();
+        self.finish_waiting(now, false);
         self.warn_if_unhooked(&slots);
         self.previous_tick = now;
     }
@@ -238,6 +320,132 @@ impl Watch {
             if activity != track.activity {
                 track.activity = activity;
                 track.activity_since = now;
+            }
+        }
+    }
+
+    /// Notes each running thread's CPU time the first time a tick sees its current activity,
+    /// so a stall's CPU share can be measured from then on. One CPU-clock read per new poll
+    /// seen by a tick; nothing for parked threads.
+    fn track_cpu(&mut self, slots: &[Arc<Slot>], now: u64) {
+        self.cpu_seen
+            .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
+        for slot in slots {
+            let snapshot = slot.snapshot();
+            if snapshot.parked {
+                continue;
+            }
+            let word = snapshot.word & !FLAGGED;
+            let fresh = self
+                .cpu_seen
+                .get(&slot.thread_uid)
+                .is_none_or(|(seen, _, _)| *seen != word);
+            if fresh {
+                if let Some(cpu) = slot.cpu_time() {
+                    self.cpu_seen.insert(slot.thread_uid, (word, cpu, now));
+                }
+            }
+        }
+    }
+
+    /// Stack, CPU share and system call of a thread just found stalled.
+    fn diagnose(&mut self, slot: Option<&Arc<Slot>>, word: u64, now: u64) -> Diagnosis {
+        let Some(slot) = slot else {
+            return Diagnosis {
+                window: None,
+                run_delay: None,
+                kind: None,
+                cpu_time: None,
+                syscall: None,
+                stack: StackCapture::UnknownThread,
+                stack_pending: false,
+            };
+        };
+        let tid = slot.stack_target.tid();
+        // Everything about the thread's state first: the stack signal interrupts its system
+        // call and briefly runs it.
+        let syscall = match diagnosis::thread_state(tid) {
+            Some('R') | None => None,
+            Some(_) => diagnosis::blocked_syscall(tid),
+        };
+        let cpu_now = slot.cpu_time();
+        let run_delay = diagnosis::run_delay(tid).map(|delay| (delay, clock::raw()));
+        let window = self
+            .cpu_seen
+            .get(&slot.thread_uid)
+            .filter(|(seen, _, _)| *seen == word & !FLAGGED)
+            .map(|&(_, cpu, at)| (cpu, at));
+        let (kind, cpu_time) = match (window, cpu_now) {
+            (Some((cpu0, at)), Some(cpu)) if clock::delta(at, now) > Duration::ZERO => {
+                let wall = clock::delta(at, now);
+                let used = cpu.saturating_sub(cpu0).min(wall);
+                (Some(diagnosis::classify(used, wall)), Some(used))
+            }
+            _ => (None, None),
+        };
+        let stack = self.capture_stack(slot, now);
+        Diagnosis {
+            window,
+            run_delay,
+            kind,
+            cpu_time,
+            syscall,
+            stack_pending: stack == StackCapture::Symbolizing,
+            stack,
+        }
+    }
+
+    /// Takes the stack (microseconds) and queues it for the symbolizer thread, so that
+    /// reading debug info never delays a report or the next detection.
+    fn capture_stack(&mut self, slot: &Slot, now: u64) -> StackCapture {
+        const CAPTURE_TIMEOUT: Duration = Duration::from_millis(100);
+        match self.inner.config.stacks {
+            StackSupport::Disabled => return StackCapture::Disabled,
+            StackSupport::Unsupported => return StackCapture::Unsupported,
+            StackSupport::Enabled => {}
+        }
+        if !self.stacks.take(now) {
+            let suppressed = self.stacks.suppressed;
+            return StackCapture::RateLimited { suppressed };
+        }
+        match crate::stack::capture(&slot.stack_target, CAPTURE_TIMEOUT) {
+            Ok(raw) => {
+                // Once its caches are warm the symbolizer answers within a millisecond or
+                // two; wait that long so the first report usually names the culprit.
+                const FIRST_REPORT_WAIT: Duration = Duration::from_millis(3);
+                let id = self.next_stall_id;
+                let symbolizer = self.symbolizer.get_or_insert_with(Symbolizer::start);
+                match symbolizer.submit(id, raw) {
+                    Ok(()) => symbolizer
+                        .wait(id, FIRST_REPORT_WAIT)
+                        .unwrap_or(StackCapture::Symbolizing),
+                    Err(why) => why,
+                }
+            }
+            Err(err) => StackCapture::Failed(err.to_string()),
+        }
+    }
+
+    /// Attaches the stacks the symbolizer finished to their stalls.
+    fn collect_stacks(&mut self) {
+        let Some(symbolizer) = &mut self.symbolizer else {
+            return;
+        };
+        for (id, stack) in symbolizer.ready() {
+            let diagnosis = self
+                .active
+                .iter_mut()
+                .find(|active| active.id == id)
+                .map(|active| &mut active.diagnosis)
+                .or_else(|| {
+                    self.finishing
+                        .iter_mut()
+                        .find(|ended| ended.active.id == id)
+                        .map(|ended| &mut ended.active.diagnosis)
+                });
+            if let Some(diagnosis) = diagnosis {
+                diagnosis.stack = stack;
+                diagnosis.stack_pending = false;
             }
         }
     }
@@ -296,7 +504,7 @@ impl Watch {
                 // The poll returned between the snapshot and the flag: it lasted at least
                 // the threshold and ended just now.
                 if let Some(active) = self.active.pop() {
-                    self.end(active, flagged_at, access);
+                    self.end(active, flagged_at, None, access);
                 }
             }
         }
@@ -354,23 +562,23 @@ impl Watch {
                     if slot.word() == *flagged_word && !slot.is_dead() {
                         None
                     } else if slot.is_dead() {
-                        Some(now)
+                        Some((now, None))
                     } else {
                         let start = self.active[index].start;
-                        Some(slot.published_end(start).unwrap_or(*flagged_at))
+                        Some(slot.published_end(start).unwrap_or((*flagged_at, None)))
                     }
                 }
                 Source::Estimated {
                     worker, activity, ..
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
-                    (track.activity != *activity || track.metrics.0 % 2 == 1).then_some(now)
+                    (track.activity != *activity || track.metrics.0 % 2 == 1).then_some((now, None))
                 }
             };
             match ended_at {
-                Some(end) => {
+                Some((end, end_cpu)) => {
                     let active = self.active.swap_remove(index);
-                    self.end(active, end, access);
+                    self.end(active, end, end_cpu, access);
                 }
                 None => {
                     let active = &mut self.active[index];
@@ -397,8 +605,17 @@ impl Watch {
         now: u64,
         anchor: &Anchor,
     ) {
+        let (diagnosed_slot, word) = match &source {
+            Source::Exact {
+                slot, flagged_word, ..
+            } => (Some(Arc::clone(slot)), *flagged_word),
+            Source::Estimated { slot, .. } => (slot.clone(), slot.as_ref().map_or(0, |s| s.word())),
+        };
+        let diagnosis = self.diagnose(diagnosed_slot.as_ref(), word, now);
         let instruments = &self.inner.instruments;
-        instruments.stalls.add(1, &instruments.attributes);
+        instruments
+            .stalls
+            .add(1, &self.metric_attributes(diagnosis.kind));
 
         let mut attributes = vec![
             KeyValue::new(names::RUNTIME_NAME, self.inner.config.runtime_name.clone()),
@@ -431,6 +648,15 @@ impl Watch {
                 i64::from(location.line()),
             ));
         }
+        if let Some(syscall) = diagnosis.syscall {
+            attributes.push(KeyValue::new(names::STALL_SYSCALL, syscall));
+        }
+        match &diagnosis.stack {
+            StackCapture::Captured(frames) => {
+                attributes.push(KeyValue::new(names::CODE_STACKTRACE, format_stack(frames)))
+            }
+            other => attributes.push(KeyValue::new(names::STACK_STATUS, other.status())),
+        }
         let parent = info
             .as_ref()
             .and_then(|info| info.context.clone())
@@ -446,6 +672,7 @@ impl Watch {
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
         let active = Active {
+            id: self.next_stall_id,
             source,
             start,
             start_time,
@@ -455,18 +682,61 @@ impl Watch {
             reports: 1,
             next_report: elapsed.saturating_mul(2),
             task,
+            diagnosis,
         };
         let report = self.report(&active, elapsed, StallState::InProgress);
         self.publish(&report, None);
         self.active.push(active);
+        self.next_stall_id = self.next_stall_id.wrapping_add(1);
     }
 
-    fn end(&mut self, mut active: Active, end: u64, access: Option<&SpanAccess>) {
+    fn end(
+        &mut self,
+        mut active: Active,
+        end: u64,
+        end_cpu: Option<Duration>,
+        access: Option<&SpanAccess>,
+    ) {
         let duration = clock::delta(active.start, end);
-        let instruments = &self.inner.instruments;
-        instruments
+        if let Some((cpu0, at)) = active.diagnosis.window {
+            let cpu_end = end_cpu.or_else(|| active.slot().and_then(|slot| slot.cpu_time()));
+            let wall = clock::delta(at, end);
+            if let Some(cpu_end) = cpu_end.filter(|_| wall > Duration::ZERO) {
+                // The share of the observed part of the stall that was on the CPU, applied to
+                // the whole stall.
+                let used = cpu_end.saturating_sub(cpu0).min(wall);
+                // Time spent runnable but waiting for a CPU counts as CPU-bound: on a busy
+                // machine a spinning thread is not always on a core.
+                let waiting_share = active.diagnosis.run_delay.and_then(|(delay0, at0)| {
+                    let tid = active.slot()?.stack_target.tid();
+                    let now = clock::raw();
+                    let delay = diagnosis::run_delay(tid)?.saturating_sub(delay0);
+                    let span = clock::delta(at0, now);
+                    (span > Duration::ZERO).then(|| delay.as_secs_f64() / span.as_secs_f64())
+                });
+                let share = (used.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0);
+                let busy_share = (share + waiting_share.unwrap_or(0.0)).clamp(0.0, 1.0);
+                let cpu_time = duration.mul_f64(share);
+                active.diagnosis.cpu_time = Some(cpu_time);
+                active.diagnosis.kind =
+                    Some(diagnosis::classify(duration.mul_f64(busy_share), duration));
+            }
+        }
+        if let Some(kind) = active.diagnosis.kind {
+            active
+                .span
+                .set_attribute(KeyValue::new(names::STALL_KIND, kind.as_str()));
+        }
+        if let Some(cpu_time) = active.diagnosis.cpu_time {
+            active
+                .span
+                .set_attribute(KeyValue::new(names::STALL_CPU_TIME, cpu_time.as_secs_f64()));
+        }
+        let attributes = self.metric_attributes(active.diagnosis.kind);
+        self.inner
+            .instruments
             .stall_duration
-            .record(duration.as_secs_f64(), &instruments.attributes);
+            .record(duration.as_secs_f64(), &attributes);
 
         let (victims, dropped) = match (access, active.slot()) {
             (Some(access), Some(slot)) if self.inner.config.max_victims > 0 => {
@@ -518,12 +788,76 @@ impl Watch {
                 .span
                 .set_attribute(KeyValue::new(names::VICTIMS_DROPPED, as_i64(dropped)));
         }
-        active.span.end_with_timestamp(active.start_time + duration);
+        let ended = Ended {
+            active,
+            duration,
+            victims,
+            dropped,
+            since: clock::raw(),
+        };
+        if ended.active.diagnosis.stack_pending {
+            // Everything time-critical is done (metrics, victim events while the victims are
+            // still open); the span and the final report wait for the symbols, a moment at
+            // most, so that a stall right after start-up still gets its stack without making
+            // the watchdog miss the next stalls.
+            self.finishing.push(ended);
+        } else {
+            self.finish_ended(ended);
+        }
+    }
+
+    /// Symbolizes the stack if needed, ends the stall span and publishes the final report.
+    fn finish_ended(&mut self, mut ended: Ended) {
+        let active = &mut ended.active;
+        if active.diagnosis.stack_pending {
+            active.diagnosis.stack =
+                StackCapture::Failed("symbolizing the stack took too long".to_string());
+        }
+        match &active.diagnosis.stack {
+            StackCapture::Captured(frames) => active
+                .span
+                .set_attribute(KeyValue::new(names::CODE_STACKTRACE, format_stack(frames))),
+            other => active
+                .span
+                .set_attribute(KeyValue::new(names::STACK_STATUS, other.status())),
+        }
+        active
+            .span
+            .end_with_timestamp(active.start_time + ended.duration);
         active.reports = active.reports.saturating_add(1);
-        let mut report = self.report(&active, duration, StallState::Ended);
-        report.victims = victims;
-        report.victims_dropped = dropped;
+        let mut report = self.report(active, ended.duration, StallState::Ended);
+        report.victims = ended.victims;
+        report.victims_dropped = ended.dropped;
         self.publish(&report, None);
+    }
+
+    /// Finishes ended stalls that waited for the symbols, once they are loaded (or after
+    /// `SYMBOLS_WAIT`, or when `force`d at shutdown).
+    fn finish_waiting(&mut self, now: u64, force: bool) {
+        const SYMBOLS_WAIT: Duration = Duration::from_secs(10);
+        if self.finishing.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.finishing);
+        for ended in waiting {
+            if force
+                || !ended.active.diagnosis.stack_pending
+                || clock::delta(ended.since, now) >= SYMBOLS_WAIT
+            {
+                self.finish_ended(ended);
+            } else {
+                self.finishing.push(ended);
+            }
+        }
+    }
+
+    /// `tokio.runtime.name`, plus `tokio.eventloop.stall.kind` when known.
+    fn metric_attributes(&self, kind: Option<StallKind>) -> Vec<KeyValue> {
+        let mut attributes = self.inner.instruments.attributes.to_vec();
+        if let Some(kind) = kind {
+            attributes.push(KeyValue::new(names::STALL_KIND, kind.as_str()));
+        }
+        attributes
     }
 
     fn report(&self, active: &Active, duration: Duration, state: StallState) -> StallReport {
@@ -546,6 +880,10 @@ impl Watch {
             span_id: valid.then(|| active.span_context.span_id()),
             task_id: active.task.map(|(id, _)| id),
             spawn_location: active.task.map(|(_, location)| location),
+            kind: active.diagnosis.kind,
+            cpu_time: active.diagnosis.cpu_time,
+            syscall: active.diagnosis.syscall,
+            stack: active.diagnosis.stack.clone(),
             victims: 0,
             victims_dropped: 0,
         }
@@ -594,7 +932,29 @@ impl Watch {
         let anchor = Anchor::now();
         let access = layer::shared().access();
         while let Some(active) = self.active.pop() {
-            self.end(active, anchor.raw, access.as_ref());
+            self.end(active, anchor.raw, None, access.as_ref());
         }
+        // Give pending stacks a moment to arrive before ending their spans without them.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.finishing.is_empty() && Instant::now() < deadline {
+            self.collect_stacks();
+            self.finish_waiting(clock::raw(), false);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.finish_waiting(anchor.raw, true);
     }
+}
+
+/// The `code.stacktrace` value: one frame per line, innermost first.
+fn format_stack(frames: &[StackFrame]) -> String {
+    let frames: Vec<crate::stack::Frame> = frames
+        .iter()
+        .map(|frame| crate::stack::Frame {
+            function: frame.function.clone(),
+            file: frame.file.clone(),
+            line: frame.line,
+            addr: 0,
+        })
+        .collect();
+    crate::stack::format_stacktrace(&frames)
 }

@@ -1,0 +1,118 @@
+//! A thread that turns captured stacks into named frames, off the watchdog thread.
+//!
+//! Symbolizing reads debug info, lazily and slowly the first time each part of a large
+//! binary is touched (hundreds of milliseconds in debug builds). Done on the watchdog, it
+//! would delay reports and miss the next stalls; so the watchdog only captures the raw stack
+//! (microseconds) and hands it over here through a bounded queue.
+
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+
+use crate::report::{StackCapture, StackFrame};
+use crate::stack::RawStack;
+
+/// Stacks waiting to be symbolized at most; more are reported as failed captures.
+const QUEUE: usize = 64;
+
+/// The watchdog's end of the symbolizer thread.
+#[derive(Debug)]
+pub(crate) struct Symbolizer {
+    requests: Option<SyncSender<(u64, Box<RawStack>)>>,
+    results: Option<Receiver<(u64, StackCapture)>>,
+    /// Results received while waiting for another stall's.
+    early: Vec<(u64, StackCapture)>,
+}
+
+impl Symbolizer {
+    /// Starts the thread, which first loads the symbols of the running binary.
+    pub(crate) fn start() -> Self {
+        let (request_tx, request_rx) = mpsc::sync_channel::<(u64, Box<RawStack>)>(QUEUE);
+        let (result_tx, result_rx) = mpsc::sync_channel(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("looplag-symbolizer".to_string())
+            .spawn(move || {
+                crate::stack::warm_up();
+                // Ends when the watchdog drops its sender.
+                for (id, raw) in request_rx {
+                    if result_tx.send((id, symbolized(&raw))).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Symbolizer {
+                requests: Some(request_tx),
+                results: Some(result_rx),
+                early: Vec::new(),
+            },
+            Err(_) => Symbolizer {
+                requests: None,
+                results: None,
+                early: Vec::new(),
+            },
+        }
+    }
+
+    /// Queues `raw` for symbolizing as stall `id`; says why not when it cannot.
+    pub(crate) fn submit(&self, id: u64, raw: RawStack) -> Result<(), StackCapture> {
+        let Some(requests) = &self.requests else {
+            return Err(StackCapture::Failed(
+                "the symbolizer thread could not be started".to_string(),
+            ));
+        };
+        match requests.try_send((id, Box::new(raw))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StackCapture::Failed(
+                "the symbolizer is behind: stack dropped".to_string(),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(StackCapture::Failed(
+                "the symbolizer thread has stopped".to_string(),
+            )),
+        }
+    }
+
+    /// Waits up to `timeout` for stall `id`'s stack; results for other stalls that arrive
+    /// meanwhile are kept for [`ready`](Symbolizer::ready).
+    pub(crate) fn wait(&mut self, id: u64, timeout: std::time::Duration) -> Option<StackCapture> {
+        let results = self.results.as_ref()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match results.recv_timeout(left) {
+                Ok((got, stack)) if got == id => return Some(stack),
+                Ok(other) => self.early.push(other),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The stacks symbolized since the last call.
+    pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
+        let mut ready = std::mem::take(&mut self.early);
+        if let Some(results) = &self.results {
+            while let Ok(result) = results.try_recv() {
+                ready.push(result);
+            }
+        }
+        ready
+    }
+}
+
+/// The frames of `raw`, symbolized, with a marker when outer frames were cut.
+pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
+    let mut frames: Vec<StackFrame> = crate::stack::symbolize(raw)
+        .into_iter()
+        .map(|frame| StackFrame {
+            function: frame.function,
+            file: frame.file,
+            line: frame.line,
+        })
+        .collect();
+    if raw.is_truncated() {
+        frames.push(StackFrame {
+            function: "... (outer frames cut)".to_string(),
+            file: None,
+            line: None,
+        });
+    }
+    StackCapture::Captured(frames)
+}
