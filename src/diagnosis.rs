@@ -39,12 +39,12 @@ pub(crate) const BLOCKED_PERCENT: u32 = 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StallKind {
-    /// On a CPU at least [`CPU_BOUND_PERCENT`] of the time: a busy loop, a big parse, a
-    /// compression, a regex.
+    /// On a CPU, or runnable and waiting for one, at least 80% of the time: a busy loop, a
+    /// big parse, a compression, a regex.
     Cpu,
-    /// On a CPU at most [`BLOCKED_PERCENT`] of the time: a sleep, a lock, synchronous I/O.
+    /// On a CPU at most 20% of the time: a sleep, a lock, synchronous I/O.
     Blocked,
-    /// In between: both, or a thread that did not get a CPU when it wanted one.
+    /// In between: both computing and waiting.
     Mixed,
 }
 
@@ -61,8 +61,8 @@ impl StallKind {
 
 /// Classifies a stall from the CPU time the thread used during it and its wall time.
 ///
-/// - `cpu >= 80% of wall` ([`CPU_BOUND_PERCENT`]): [`StallKind::Cpu`];
-/// - `cpu <= 20% of wall` ([`BLOCKED_PERCENT`]): [`StallKind::Blocked`];
+/// - `cpu >= 80% of wall` (80%): [`StallKind::Cpu`];
+/// - `cpu <= 20% of wall` (20%): [`StallKind::Blocked`];
 /// - otherwise, and for a zero `wall` (no evidence either way): [`StallKind::Mixed`].
 ///
 /// A CPU-bound thread that waits for a CPU (more busy threads than cores) shows less CPU time
