@@ -60,6 +60,9 @@ pub(crate) struct RootInfo {
     pub(crate) token: u64,
     /// `slots::thread_uid()` of the thread that created the span.
     pub(crate) created_on: u64,
+    /// Raw clock when the span was created: a span created after a stall ended did not
+    /// wait for it.
+    pub(crate) created_at: u64,
     /// `slots::thread_uid()` of the worker that last polled it (0: not seen polled yet).
     pub(crate) last_polled_on: AtomicU64,
 }
@@ -147,11 +150,13 @@ impl Shared {
         })
     }
 
-    /// The in-flight local roots that waited on worker thread `thread`, except `exclude`,
-    /// at most `limit` of them; also returns how many more there were.
+    /// The in-flight local roots, created before `ended`, that waited on worker thread
+    /// `thread`, except `exclude`, at most `limit` of them; also returns how many more there
+    /// were.
     pub(crate) fn victims(
         &self,
         thread: u64,
+        ended: u64,
         exclude: Option<u64>,
         limit: usize,
     ) -> (Vec<Arc<RootInfo>>, usize) {
@@ -159,7 +164,7 @@ impl Shared {
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
         for root in roots.values() {
-            if Some(root.token) == exclude || !root.waited_on(thread) {
+            if Some(root.token) == exclude || root.created_at >= ended || !root.waited_on(thread) {
                 continue;
             }
             if chosen.len() < limit {
@@ -283,6 +288,7 @@ where
             id: id.into_u64(),
             token: shared.next_token.fetch_add(1, Ordering::Relaxed),
             created_on: slots::thread_uid(),
+            created_at: crate::clock::raw(),
             last_polled_on: AtomicU64::new(0),
         });
         span.extensions_mut().insert(RootMark(Arc::clone(&info)));

@@ -747,6 +747,7 @@ impl Watch {
                     .map(|root| root.token);
                 let (roots, dropped) = layer::shared().victims(
                     slot.thread_uid,
+                    end,
                     exclude,
                     self.inner.config.max_victims,
                 );
