@@ -53,18 +53,20 @@
 
 mod clock;
 mod config;
+mod env;
 mod error;
 mod instance;
 mod layer;
 mod probe;
+mod ratelimit;
 mod report;
 mod slots;
 mod telemetry;
 mod watchdog;
 
 pub use config::{
-    Builder, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL,
-    DEFAULT_STALL_THRESHOLD,
+    Builder, DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME,
+    DEFAULT_SAMPLE_INTERVAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
