@@ -18,6 +18,7 @@ use crate::clock::{self, Anchor};
 use crate::instance::Inner;
 use crate::layer::{self, SpanAccess, SpanInfo};
 use crate::probe::Probe;
+use crate::ratelimit::LogLimiter;
 use crate::slots::{Slot, FLAGGED};
 use crate::telemetry as names;
 use crate::{StallReport, StallState};
@@ -125,6 +126,8 @@ struct Watch {
     previous_tick: u64,
     started: Instant,
     warned_unhooked: bool,
+    /// The stall log's rate limit (the callback and telemetry are not limited).
+    logs: LogLimiter,
 }
 
 impl Watch {
@@ -144,6 +147,7 @@ impl Watch {
                 inner.config.runtime_name
             );
         }
+        let logs = LogLimiter::new(inner.config.max_stall_logs_per_second);
         Watch {
             probe: Probe::new(inner.config.sample_interval),
             inner,
@@ -155,6 +159,7 @@ impl Watch {
             previous_tick: clock::raw(),
             started: Instant::now(),
             warned_unhooked: !hooked,
+            logs,
         }
     }
 
@@ -177,6 +182,9 @@ impl Watch {
             self.detect_estimated(&slots, now, &anchor);
         }
         self.warn_if_unhooked(&slots);
+        if let Some(suppressed) = self.logs.roll(Instant::now()) {
+            self.log_suppressed(suppressed);
+        }
         self.previous_tick = now;
     }
 
@@ -540,27 +548,45 @@ impl Watch {
         }
     }
 
-    /// Logs the report and hands it to the callback.
-    fn publish(&self, report: &StallReport, _context: Option<&Context>) {
-        match report.state {
-            StallState::InProgress => tracing::warn!(
-                target: "looplag",
-                runtime = %report.runtime_name,
-                duration_ms = report.duration.as_secs_f64() * 1e3,
-                "stall in progress: {report}"
-            ),
-            StallState::Ended => tracing::warn!(
-                target: "looplag",
-                runtime = %report.runtime_name,
-                duration_ms = report.duration.as_secs_f64() * 1e3,
-                "stall ended: {report}"
-            ),
+    /// Logs the report (within the log's rate limit) and hands it to the callback (always).
+    fn publish(&mut self, report: &StallReport, _context: Option<&Context>) {
+        let now = Instant::now();
+        if let Some(suppressed) = self.logs.roll(now) {
+            self.log_suppressed(suppressed);
+        }
+        if self.logs.admit(now) {
+            match report.state {
+                StallState::InProgress => tracing::warn!(
+                    target: "looplag",
+                    runtime = %report.runtime_name,
+                    duration_ms = report.duration.as_secs_f64() * 1e3,
+                    "stall in progress: {report}"
+                ),
+                StallState::Ended => tracing::warn!(
+                    target: "looplag",
+                    runtime = %report.runtime_name,
+                    duration_ms = report.duration.as_secs_f64() * 1e3,
+                    "stall ended: {report}"
+                ),
+            }
         }
         if let Some(callback) = &self.inner.on_stall {
             if panic::catch_unwind(AssertUnwindSafe(|| callback(report))).is_err() {
                 tracing::error!(target: "looplag", "the on_stall callback panicked");
             }
         }
+    }
+
+    /// The summary line for stall log lines over the rate limit.
+    fn log_suppressed(&self, suppressed: u64) {
+        tracing::warn!(
+            target: "looplag",
+            runtime = %self.inner.config.runtime_name,
+            suppressed,
+            "{suppressed} stall reports suppressed in the last second (max_stall_logs_per_second \
+             is {}); metrics, spans and the on_stall callback still got every one",
+            self.inner.config.max_stall_logs_per_second
+        );
     }
 
     fn warn_if_unhooked(&mut self, slots: &[Arc<Slot>]) {
@@ -584,6 +610,9 @@ impl Watch {
         let access = layer::shared().access();
         while let Some(active) = self.active.pop() {
             self.end(active, anchor.raw, access.as_ref());
+        }
+        if let Some(suppressed) = self.logs.close() {
+            self.log_suppressed(suppressed);
         }
     }
 }
