@@ -128,6 +128,9 @@ struct Watch {
     warned_unhooked: bool,
     /// The stall log's rate limit (the callback and telemetry are not limited).
     logs: LogLimiter,
+    /// The runtime has shut down: its workers exit, and a worker that exited looks like one
+    /// stuck in an uninstrumented poll (unparked, metrics frozen), so estimation stops.
+    shut_down: bool,
 }
 
 impl Watch {
@@ -160,6 +163,7 @@ impl Watch {
             started: Instant::now(),
             warned_unhooked: !hooked,
             logs,
+            shut_down: false,
         }
     }
 
@@ -170,6 +174,7 @@ impl Watch {
         self.probe.tick(now, &self.handle, |seconds| {
             instruments.delay.record(seconds, &instruments.attributes)
         });
+        self.shut_down = self.shut_down || self.probe.runtime_shut_down();
         let slots = self.inner.registry.live();
         let access = layer::shared().access();
         if let Some(access) = &access {
@@ -178,7 +183,10 @@ impl Watch {
         self.track_workers(&slots, now);
         self.check_active(now, access.as_ref());
         self.detect_exact(&slots, now, &anchor, access.as_ref());
-        if !self.inner.registry.poll_hooks.load(Ordering::Relaxed) && self.multi_thread {
+        if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)
+            && self.multi_thread
+            && !self.shut_down
+        {
             self.detect_estimated(&slots, now, &anchor);
         }
         self.warn_if_unhooked(&slots);
@@ -361,7 +369,8 @@ impl Watch {
                     worker, activity, ..
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
-                    (track.activity != *activity || track.metrics.0 % 2 == 1).then_some(now)
+                    (track.activity != *activity || track.metrics.0 % 2 == 1 || self.shut_down)
+                        .then_some(now)
                 }
             };
             match ended_at {
