@@ -56,6 +56,7 @@ pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
 /// # Ok::<(), looplag::Error>(())
 /// ```
 #[must_use = "a builder does nothing until `build` is called"]
+#[derive(Default)]
 pub struct Builder {
     explicit: Explicit,
     env: EnvValues,
@@ -84,18 +85,6 @@ impl fmt::Debug for Builder {
             .field("tracer", &self.tracer.as_ref().map(|_| "custom"))
             .field("on_stall", &self.on_stall.as_ref().map(|_| "set"))
             .finish()
-    }
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            explicit: Explicit::default(),
-            env: EnvValues::default(),
-            meter: None,
-            tracer: None,
-            on_stall: None,
-        }
     }
 }
 

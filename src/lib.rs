@@ -61,6 +61,7 @@ mod probe;
 mod ratelimit;
 mod report;
 mod slots;
+mod sync;
 mod telemetry;
 mod watchdog;
 

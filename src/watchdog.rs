@@ -356,13 +356,10 @@ impl Watch {
                     flagged_word,
                     flagged_at,
                 } => {
-                    if slot.word() == *flagged_word && !slot.is_dead() {
-                        None
-                    } else if slot.is_dead() {
+                    if slot.is_dead() {
                         Some(now)
                     } else {
-                        let start = self.active[index].start;
-                        Some(slot.published_end(start).unwrap_or(*flagged_at))
+                        slot.flagged_end(*flagged_word, *flagged_at)
                     }
                 }
                 Source::Estimated {
