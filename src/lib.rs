@@ -27,8 +27,8 @@
 //!     .build()?;
 //!
 //! tracing_subscriber::registry()
+//!     .with(looplag.layer()) // before tracing-opentelemetry's layer, see LoopLagLayer
 //!     // .with(tracing_opentelemetry::layer().with_tracer(tracer))
-//!     .with(looplag.layer())
 //!     .init();
 //!
 //! let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -52,6 +52,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 mod clock;
+mod close_gate;
 mod config;
 mod env;
 mod error;

@@ -123,6 +123,26 @@ impl SpanExporter for CountingExporter {
     }
 }
 
+/// ERROR lines of looplag's (e.g. "the watchdog recovered from a panic").
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Panics on looplag's watchdog thread.
+static WATCHDOG_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts panics on the watchdog thread (the watchdog catches them, but they must not
+/// happen: the panic hook alone can print a backtrace and allocate tens of MB).
+fn count_watchdog_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current()
+            .name()
+            .is_some_and(|name| name.starts_with("looplag-"))
+        {
+            WATCHDOG_PANICS.fetch_add(1, Ordering::Relaxed);
+        }
+        default(info);
+    }));
+}
+
 /// One WARN line of looplag's: when, and its `suppressed` field for summary lines.
 #[derive(Debug, Clone, Copy)]
 struct LogLine {
@@ -296,6 +316,7 @@ const WORKERS: usize = 4;
 
 #[test]
 fn a_thousand_stalls_a_second_for_ten_seconds() {
+    count_watchdog_panics();
     let exporter = CountingExporter::default();
     let stall_spans = Arc::clone(&exporter.stall_spans);
     let tracer_provider = SdkTracerProvider::builder()
@@ -322,8 +343,8 @@ fn a_thousand_stalls_a_second_for_ten_seconds() {
     assert_eq!(looplag.max_stall_logs_per_second(), 10, "the default limit");
     let logs = LogCapture::default();
     tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("test")))
         .with(looplag.layer())
+        .with(tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("test")))
         .with(logs.clone())
         .init();
 
@@ -415,6 +436,12 @@ fn a_thousand_stalls_a_second_for_ten_seconds() {
         println!("  t={at:.1?} injected={count} live_heap={heap}");
     }
 
+    assert_eq!(
+        WATCHDOG_PANICS.load(Ordering::Relaxed),
+        0,
+        "the watchdog panicked"
+    );
+    assert_eq!(ERRORS.load(Ordering::Relaxed), 0, "looplag logged errors");
     // Every injected stall was seen, exactly once.
     assert_eq!(unseen.load(Ordering::Relaxed), 0, "stalls never detected");
     assert_eq!(
