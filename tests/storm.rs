@@ -2,8 +2,8 @@
 //! thousand stalls a second, with a 1 ms sample interval and a 1 ms threshold.
 //!
 //! What it proves:
-//! - every injected stall is detected exactly once and counted in `tokio.eventloop.stalls`,
-//!   spanned and measured (counter, spans, histogram and callback agree);
+//! - every injected stall is detected and counted in `tokio.eventloop.stalls`, spanned and
+//!   measured (counter, spans, histogram and callback agree);
 //! - the WARN log is rate limited (default 10 lines a second) and every report that was not
 //!   written is accounted for in a "N stall reports suppressed in the last second" line;
 //! - memory stays flat: live heap bytes (a counting global allocator in this test binary,
@@ -12,14 +12,18 @@
 //!
 //! How each injected stall is made observable: a stall sleeps 2 ms inside the span
 //! `storm_stall`, then keeps blocking (in 100 µs sleeps) until the `on_stall` callback has
-//! reported the stall's detection on that very thread (first report of a stall in span
-//! `storm_stall`, matched by OS thread id), for at most 1 s. On a loaded machine the
+//! reported a new stall detected on that very thread (first report, matched by OS thread
+//! id; one thread runs one poll at a time), for at most 1 s. On a loaded machine the
 //! watchdog thread can be descheduled for longer than a short stall, so a fixed-length stall
 //! could end unseen; blocking until seen makes "every stall counted" a statement about
 //! looplag, not about the scheduler, and a stall that is never seen fails the test (the 1 s
 //! cap is counted and must stay at zero). Other stalls the watchdog legitimately detects
 //! under load (a worker thread descheduled for over 1 ms) are reported as extras, and are
-//! counted, spanned and logged like the rest.
+//! counted, spanned and logged like the rest. Detections are therefore at least the injected
+//! stalls, and almost all of them carry the span `storm_stall` (printed); under
+//! `tokio_unstable` a poll can be detected in the moment between its start (tokio's poll
+//! hook) and entering its span, if its thread is descheduled there for over the threshold,
+//! and is then reported without a span.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
@@ -218,24 +222,39 @@ struct Seen {
     /// First reports of stalls in span `storm_stall`.
     begun_storm: AtomicU64,
     ended: AtomicU64,
-    /// First reports of `storm_stall` stalls per OS thread id.
+    /// First reports per OS thread id.
     per_thread: Mutex<HashMap<i64, u64>>,
+    /// Longest time from a stall's start to its first report, in µs.
+    max_detection_us: AtomicU64,
+    /// Longest gap between two consecutive callbacks, in µs (the watchdog's responsiveness).
+    max_gap_us: AtomicU64,
+    last_callback: Mutex<Option<Instant>>,
 }
 
 impl Seen {
     fn record(&self, report: &StallReport) {
         self.reports.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if let Some(last) = self.last_callback.lock().unwrap().replace(now) {
+            let gap = now.duration_since(last).as_micros() as u64;
+            self.max_gap_us.fetch_max(gap, Ordering::Relaxed);
+        }
         match report.state {
             StallState::Ended => {
                 self.ended.fetch_add(1, Ordering::Relaxed);
             }
             _ if report.report_number == 1 => {
                 self.begun.fetch_add(1, Ordering::Relaxed);
+                self.max_detection_us
+                    .fetch_max(report.duration.as_micros() as u64, Ordering::Relaxed);
                 if report.span_name == Some("storm_stall") {
                     self.begun_storm.fetch_add(1, Ordering::Relaxed);
-                    if let Some(tid) = report.thread_id {
-                        *self.per_thread.lock().unwrap().entry(tid).or_default() += 1;
-                    }
+                }
+                // Any span: with tokio's poll hooks (tokio_unstable) a poll can be detected
+                // before it enters its span (its thread descheduled for over the 1 ms
+                // threshold in between), and it is then reported without one.
+                if let Some(tid) = report.thread_id {
+                    *self.per_thread.lock().unwrap().entry(tid).or_default() += 1;
                 }
             }
             _ => {}
@@ -257,20 +276,37 @@ fn gettid() -> i64 {
     unsafe { libc::syscall(libc::SYS_gettid) }
 }
 
+thread_local! {
+    /// Detections on this thread counted when its previous injected stall ended.
+    static SEEN_AT_LAST_STALL: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
 /// One injected stall, run inside the `storm_stall` span: 2 ms, then until it is seen.
 /// Returns false if it was not seen within 1 s.
+///
+/// "Seen" means a detection on this thread since its previous injected stall ended (one
+/// thread runs one poll at a time, and the previous stall's detection was counted before it
+/// ended). Comparing with a count read on entry instead would miss a detection made before
+/// the entry: the poll starts before the span is entered (with tokio's poll hooks, well
+/// before), and a thread descheduled in between for over the 1 ms threshold is detected
+/// first.
 fn stall(seen: &Seen) -> bool {
     let tid = gettid();
-    let before = seen.detections_on(tid);
+    let before = SEEN_AT_LAST_STALL
+        .with(|cell| cell.get())
+        .unwrap_or_else(|| seen.detections_on(tid));
     std::thread::sleep(Duration::from_millis(2));
     let give_up = Instant::now() + Duration::from_secs(1);
+    let mut observed = true;
     while seen.detections_on(tid) == before {
         if Instant::now() > give_up {
-            return false;
+            observed = false;
+            break;
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-    true
+    SEEN_AT_LAST_STALL.with(|cell| cell.set(Some(seen.detections_on(tid))));
+    observed
 }
 
 fn counter_sum(metrics: &InMemoryMetricExporter, name: &str) -> u64 {
@@ -423,7 +459,7 @@ fn a_thousand_stalls_a_second_for_ten_seconds() {
     let suppressed: u64 = summaries.iter().sum();
     println!(
         "storm: {injected} stalls injected in {storm_time:.1?} ({:.0}/s) on {WORKERS} workers; \
-         {begun} detected ({begun_storm} injected, {} extra), counter {counted}, {spans} stall \
+         {begun} detected ({begun_storm} in span storm_stall, {} without), counter {counted}, {spans} stall \
          spans, {durations} durations, {ended} ended; {reports} reports, {stall_lines} stall log \
          lines, {} summary lines accounting for {suppressed} suppressed; live heap {heap_warm} B \
          after warm-up, {heap_end} B at the end ({:+} B); RSS {rss_warm} B -> {rss_end} B",
@@ -431,6 +467,11 @@ fn a_thousand_stalls_a_second_for_ten_seconds() {
         begun - begun_storm,
         summaries.len(),
         heap_end - heap_warm,
+    );
+    println!(
+        "  longest detection {} µs after a stall's start; longest gap between callbacks {} µs",
+        seen.max_detection_us.load(Ordering::Relaxed),
+        seen.max_gap_us.load(Ordering::Relaxed)
     );
     for (at, count, heap) in &samples {
         println!("  t={at:.1?} injected={count} live_heap={heap}");
@@ -442,11 +483,11 @@ fn a_thousand_stalls_a_second_for_ten_seconds() {
         "the watchdog panicked"
     );
     assert_eq!(ERRORS.load(Ordering::Relaxed), 0, "looplag logged errors");
-    // Every injected stall was seen, exactly once.
+    // Every injected stall was seen.
     assert_eq!(unseen.load(Ordering::Relaxed), 0, "stalls never detected");
-    assert_eq!(
-        begun_storm, injected,
-        "each injected stall detected exactly once"
+    assert!(
+        begun >= injected,
+        "every injected stall detected: {begun} detections for {injected} stalls"
     );
     // Every detected stall is counted, spanned, ended and measured.
     assert_eq!(
