@@ -66,6 +66,8 @@ struct WorkerTrack {
     activity: u64,
     /// Raw time of the first tick that saw the current `activity`.
     activity_since: u64,
+    /// How many ticks have read this worker's metrics (saturating).
+    observed: u32,
 }
 
 enum Source {
@@ -232,10 +234,19 @@ impl Watch {
                 metrics.worker_park_unpark_count(index),
                 metrics.worker_total_busy_duration(index),
             );
-            if current != track.metrics {
+            if track.observed == 0 {
+                // First sight: when these values were published is unknown. Recording the
+                // watchdog's start as their change made a poll that began before the first
+                // tick look moved away (never frozen), so a stall in progress when the
+                // watchdog started was never detected. `worker_frozen_since` waits for a
+                // second reading instead.
+                track.metrics = current;
+                track.changed_after = 0;
+            } else if current != track.metrics {
                 track.metrics = current;
                 track.changed_after = self.previous_tick;
             }
+            track.observed = track.observed.saturating_add(1);
             let mut activity = current.0 ^ (current.1.as_nanos() as u64).rotate_left(17);
             for slot in slots.iter().filter(|slot| slot.worker_index == Some(index)) {
                 activity = activity.rotate_left(5) ^ (slot.word() & !FLAGGED);
@@ -255,7 +266,13 @@ impl Watch {
             return true;
         }
         match slot.worker_index.and_then(|index| self.workers.get(index)) {
-            Some(track) => track.changed_after < start,
+            // Read twice, unparked (tokio publishes the park count as it parks and right
+            // after it unparks: odd means the worker index is parked, so the thread stuck
+            // in this poll is not running it, as after `block_in_place`), and unchanged
+            // since before the poll began.
+            Some(track) => {
+                track.observed >= 2 && track.metrics.0 % 2 == 0 && track.changed_after < start
+            }
             None => true,
         }
     }

@@ -106,6 +106,47 @@ fn runtime_shutdown_during_a_stall_still_ends_and_exports_it() {
 }
 
 #[test]
+fn a_stall_in_progress_when_the_watchdog_starts_is_detected() {
+    let h = harness(|b| b);
+    let runtime = multi_thread(&h.looplag, 1);
+    // Let the worker park once (it registers with looplag then).
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+    let culprit = runtime.spawn(
+        async { std::thread::sleep(Duration::from_millis(400)) }
+            .instrument(tracing::info_span!("culprit")),
+    );
+    // The stall is well past the threshold before the watchdog exists.
+    std::thread::sleep(Duration::from_millis(100));
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+    assert!(
+        wait_until(Duration::from_millis(250), || first_report(
+            &h.reports,
+            StallState::InProgress
+        )
+        .is_some()),
+        "detected while it lasts: {:#?}",
+        h.reports()
+    );
+    runtime.block_on(culprit).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || first_report(
+        &h.reports,
+        StallState::Ended
+    )
+    .is_some()));
+    drop(watchdog);
+    let ended = h.ended_reports();
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert_in(
+        ended[0].duration,
+        Duration::from_millis(400),
+        "measured from the poll's start",
+    );
+    let stalls = h.stall_spans();
+    assert_eq!(stalls.len(), 1);
+    assert_eq!(stalls[0].parent_span_id, span_id(&h.span_named("culprit")));
+}
+
+#[test]
 fn dropping_the_watchdog_during_a_stall_ends_it_at_the_drop() {
     let h = harness(|b| b);
     let runtime = multi_thread(&h.looplag, 2);

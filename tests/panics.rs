@@ -97,10 +97,11 @@ fn panics_in_instrumented_tasks_leave_the_worker_consistent() {
         .await
         .unwrap();
     });
-    assert!(wait_until(Duration::from_secs(2), || h
-        .ended_reports()
-        .len()
-        == 1));
+    assert!(
+        wait_until(Duration::from_secs(2), || !h.ended_reports().is_empty()),
+        "1 ended stall(s): {:#?}",
+        h.reports()
+    );
     drop(watchdog);
 
     let ended = h.ended_reports();
@@ -132,10 +133,11 @@ fn a_panic_during_a_stall_ends_it_and_the_next_stall_on_that_worker_is_exact() {
         .instrument(tracing::info_span!("doomed")),
     );
     assert!(runtime.block_on(doomed).unwrap_err().is_panic());
-    assert!(wait_until(Duration::from_secs(2), || h
-        .ended_reports()
-        .len()
-        == 1));
+    assert!(
+        wait_until(Duration::from_secs(2), || !h.ended_reports().is_empty()),
+        "1 ended stall(s): {:#?}",
+        h.reports()
+    );
     std::thread::sleep(Duration::from_millis(100));
 
     runtime
@@ -146,10 +148,11 @@ fn a_panic_during_a_stall_ends_it_and_the_next_stall_on_that_worker_is_exact() {
             ),
         )
         .unwrap();
-    assert!(wait_until(Duration::from_secs(2), || h
-        .ended_reports()
-        .len()
-        == 2));
+    assert!(
+        wait_until(Duration::from_secs(2), || h.ended_reports().len() >= 2),
+        "2 ended stall(s): {:#?}",
+        h.reports()
+    );
     drop(watchdog);
 
     let ended = h.ended_reports();
