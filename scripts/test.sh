@@ -35,3 +35,9 @@ RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" \
     CARGO_TARGET_DIR=target/unstable cargo clippy --all-targets -- -D warnings
 RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable \
     cargo nextest run --no-fail-fast
+
+step "model checking of the slot protocol (loom)"
+# A crate-specific cfg, not `loom`: tokio changes its API under cfg(loom). loom is the vendored,
+# patched 0.7.3 (vendor/loom/PATCHED.md). The preemption bound keeps this under a minute.
+RUSTFLAGS="--cfg looplag_loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=5 \
+    cargo test --release --lib loom_

@@ -1,5 +1,6 @@
 //! The builder: every setting, its default, and its validation.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Meter;
 
+use crate::env::{self, EnvValues};
 use crate::{Error, LoopLag, StallReport};
 
 /// Default [`Builder::runtime_name`]: `"main"`.
@@ -17,18 +19,22 @@ pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_millis(50);
 /// Default [`Builder::max_victims`]: 1000 spans per stall.
 pub const DEFAULT_MAX_VICTIMS: usize = 1000;
+
 /// Default [`Builder::stack_signal`]: 42, a real-time signal (`SIGRTMIN + 8` with glibc) that
 /// common runtimes, profilers and tools leave alone.
 pub const DEFAULT_STACK_SIGNAL: i32 = crate::stack::DEFAULT_STACK_SIGNAL;
 /// Default [`Builder::max_stacks_per_minute`]: 30.
 pub const DEFAULT_MAX_STACKS_PER_MINUTE: u32 = 30;
+/// Default [`Builder::max_stall_logs_per_second`]: 10 stall log lines per second.
+pub const DEFAULT_MAX_STALL_LOGS_PER_SECOND: u32 = 10;
 
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_STALL_THRESHOLD: Duration = Duration::from_secs(3600);
 const MAX_RUNTIME_NAME_LEN: usize = 128;
 const MAX_VICTIMS_LIMIT: usize = 100_000;
-const MAX_STACKS_PER_MINUTE_LIMIT: u32 = 6000;
+const MAX_STALL_LOGS_LIMIT: u64 = 100_000;
+const MAX_STACKS_PER_MINUTE_LIMIT: u64 = 6000;
 
 pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
 
@@ -37,6 +43,10 @@ pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
 /// Setters take and return the builder, so calls chain. Nothing is checked until
 /// [`build`](Builder::build), which validates every setting and returns an
 /// [`Error::InvalidSetting`] naming the first bad one.
+///
+/// Settings can also come from the environment with [`from_env`](Builder::from_env). A
+/// value set by a builder method always wins over the environment, whatever the order of
+/// the calls.
 ///
 /// # Examples
 ///
@@ -52,50 +62,38 @@ pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
 /// # Ok::<(), looplag::Error>(())
 /// ```
 #[must_use = "a builder does nothing until `build` is called"]
+#[derive(Default)]
 pub struct Builder {
-    pub(crate) runtime_name: String,
-    pub(crate) sample_interval: Duration,
-    pub(crate) stall_threshold: Duration,
-    pub(crate) max_victims: usize,
-    pub(crate) capture_stacks: bool,
-    pub(crate) stack_signal: i32,
-    pub(crate) max_stacks_per_minute: u32,
+    explicit: Explicit,
+    env: EnvValues,
     pub(crate) meter: Option<Meter>,
     pub(crate) tracer: Option<BoxedTracer>,
     pub(crate) on_stall: Option<StallCallback>,
 }
 
+/// The values set by builder methods, kept apart from the environment's so that an explicit
+/// call wins over `from_env` whichever comes first.
+#[derive(Clone, Debug, Default)]
+struct Explicit {
+    runtime_name: Option<String>,
+    sample_interval: Option<Duration>,
+    stall_threshold: Option<Duration>,
+    max_victims: Option<usize>,
+    max_stall_logs_per_second: Option<u32>,
+    capture_stacks: Option<bool>,
+    stack_signal: Option<i32>,
+    max_stacks_per_minute: Option<u32>,
+}
+
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("runtime_name", &self.runtime_name)
-            .field("sample_interval", &self.sample_interval)
-            .field("stall_threshold", &self.stall_threshold)
-            .field("max_victims", &self.max_victims)
-            .field("capture_stacks", &self.capture_stacks)
-            .field("stack_signal", &self.stack_signal)
-            .field("max_stacks_per_minute", &self.max_stacks_per_minute)
+            .field("explicit", &self.explicit)
+            .field("env", &self.env)
             .field("meter", &self.meter.as_ref().map(|_| "custom"))
             .field("tracer", &self.tracer.as_ref().map(|_| "custom"))
             .field("on_stall", &self.on_stall.as_ref().map(|_| "set"))
             .finish()
-    }
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            runtime_name: DEFAULT_RUNTIME_NAME.to_string(),
-            sample_interval: DEFAULT_SAMPLE_INTERVAL,
-            stall_threshold: DEFAULT_STALL_THRESHOLD,
-            max_victims: DEFAULT_MAX_VICTIMS,
-            capture_stacks: true,
-            stack_signal: DEFAULT_STACK_SIGNAL,
-            max_stacks_per_minute: DEFAULT_MAX_STACKS_PER_MINUTE,
-            meter: None,
-            tracer: None,
-            on_stall: None,
-        }
     }
 }
 
@@ -106,6 +104,7 @@ pub(crate) struct Config {
     pub(crate) sample_interval: Duration,
     pub(crate) stall_threshold: Duration,
     pub(crate) max_victims: usize,
+    pub(crate) max_stall_logs_per_second: u32,
     /// Stacks are captured (the handler is installed and the platform supports it).
     pub(crate) stacks: StackSupport,
     pub(crate) max_stacks_per_minute: u32,
@@ -119,14 +118,83 @@ pub(crate) enum StackSupport {
     Unsupported,
 }
 
+/// A setting's value with what an error about it must say: the setting's name (builder
+/// method or environment variable) and, for a value from the environment, the text given.
+struct Resolved<T> {
+    value: T,
+    setting: &'static str,
+    text: Option<String>,
+}
+
+impl<T> Resolved<T> {
+    /// An `InvalidSetting` for this value: the environment text when it came from there,
+    /// else `shown`.
+    fn invalid(&self, shown: impl FnOnce(&T) -> String, accepted: &'static str) -> Error {
+        Error::InvalidSetting {
+            setting: self.setting,
+            value: match &self.text {
+                Some(text) => format!("{text:?}"),
+                None => shown(&self.value),
+            },
+            accepted,
+        }
+    }
+}
+
+/// The explicit value if set, else the environment's (parsed), else the default.
+fn resolve<T>(
+    explicit: Option<T>,
+    method: &'static str,
+    env_value: Option<&OsString>,
+    variable: &'static str,
+    parse: impl FnOnce(&str) -> Option<T>,
+    form: &'static str,
+    default: T,
+) -> Result<Resolved<T>, Error> {
+    if let Some(value) = explicit {
+        return Ok(Resolved {
+            value,
+            setting: method,
+            text: None,
+        });
+    }
+    let Some(raw) = env_value else {
+        return Ok(Resolved {
+            value: default,
+            setting: method,
+            text: None,
+        });
+    };
+    let bad = |text: String| Error::InvalidSetting {
+        setting: variable,
+        value: format!("{text:?}"),
+        accepted: form,
+    };
+    let Some(text) = raw.to_str() else {
+        return Err(bad(raw.to_string_lossy().into_owned()));
+    };
+    match parse(text) {
+        Some(value) => Ok(Resolved {
+            value,
+            setting: variable,
+            text: Some(text.to_string()),
+        }),
+        None => Err(bad(text.to_string())),
+    }
+}
+
 impl Builder {
     /// Sets the value of the `tokio.runtime.name` attribute on every metric and span, so
     /// several runtimes in one process can be told apart.
     ///
-    /// Accepted: 1 to 128 characters, no control characters. By default, `"main"`.
+    /// Accepted: 1 to 128 characters, no control characters. Environment:
+    /// `LOOPLAG_RUNTIME_NAME`. By default, `"main"`.
     pub fn runtime_name(self, name: impl Into<String>) -> Self {
         Builder {
-            runtime_name: name.into(),
+            explicit: Explicit {
+                runtime_name: Some(name.into()),
+                ..self.explicit
+            },
             ..self
         }
     }
@@ -134,20 +202,28 @@ impl Builder {
     /// Sets how often the watchdog wakes up to scan the workers and inject a delay probe.
     ///
     /// Shorter intervals detect stalls sooner and sample delay more often, for a little more
-    /// CPU on the watchdog thread. Accepted: 1 ms to 1 s. By default, 10 ms.
+    /// CPU on the watchdog thread. Accepted: 1 ms to 1 s. Environment:
+    /// `LOOPLAG_SAMPLE_INTERVAL` (e.g. `10ms`). By default, 10 ms.
     pub fn sample_interval(self, interval: Duration) -> Self {
         Builder {
-            sample_interval: interval,
+            explicit: Explicit {
+                sample_interval: Some(interval),
+                ..self.explicit
+            },
             ..self
         }
     }
 
     /// Sets how long one poll must run before it counts as a stall.
     ///
-    /// Accepted: from the sample interval up to one hour. By default, 50 ms.
+    /// Accepted: from the sample interval up to one hour. Environment:
+    /// `LOOPLAG_STALL_THRESHOLD` (e.g. `50ms`). By default, 50 ms.
     pub fn stall_threshold(self, threshold: Duration) -> Self {
         Builder {
-            stall_threshold: threshold,
+            explicit: Explicit {
+                stall_threshold: Some(threshold),
+                ..self.explicit
+            },
             ..self
         }
     }
@@ -155,10 +231,34 @@ impl Builder {
     /// Sets how many waiting request spans get the victim event per stall; the rest are
     /// counted in the stall span's `tokio.eventloop.stall.victims_dropped` attribute.
     ///
-    /// `0` turns victim events off. Accepted: 0 to 100 000. By default, 1000.
+    /// `0` turns victim events off. Accepted: 0 to 100 000. Environment:
+    /// `LOOPLAG_MAX_VICTIMS`. By default, 1000.
     pub fn max_victims(self, max: usize) -> Self {
         Builder {
-            max_victims: max,
+            explicit: Explicit {
+                max_victims: Some(max),
+                ..self.explicit
+            },
+            ..self
+        }
+    }
+
+    /// Sets how many stall log lines (the WARN events "stall in progress" and "stall
+    /// ended", target `looplag`) one instance writes per second at most.
+    ///
+    /// A stall storm (hundreds of short stalls a second) would otherwise flood the logs and
+    /// slow the process down further. Lines over the limit are not written; instead, once
+    /// the second is over, one WARN line says "N stall reports suppressed in the last
+    /// second" (field `suppressed`). Only the log is limited: the `on_stall` callback, the
+    /// metrics and the stall spans still get every stall. `0` writes only those summary
+    /// lines. Accepted: 0 to 100 000. Environment: `LOOPLAG_MAX_STALL_LOGS_PER_SECOND`. By
+    /// default, 10.
+    pub fn max_stall_logs_per_second(self, max: u32) -> Self {
+        Builder {
+            explicit: Explicit {
+                max_stall_logs_per_second: Some(max),
+                ..self.explicit
+            },
             ..self
         }
     }
@@ -167,11 +267,15 @@ impl Builder {
     ///
     /// The stack is taken while the thread is still blocked, by sending it
     /// [`stack_signal`](Builder::stack_signal); the handler copies the thread's registers and
-    /// stack and returns, and the watchdog unwinds and symbolizes the copy. Linux x86_64 only;
-    /// elsewhere reports say no stack was taken. By default, `true`.
+    /// stack and returns, the watchdog unwinds the copy and a symbolizer thread names the
+    /// frames. Linux x86_64 only; elsewhere reports say no stack was taken. Environment:
+    /// `LOOPLAG_CAPTURE_STACKS` (`true` or `false`). By default, `true`.
     pub fn capture_stacks(self, capture: bool) -> Self {
         Builder {
-            capture_stacks: capture,
+            explicit: Explicit {
+                capture_stacks: Some(capture),
+                ..self.explicit
+            },
             ..self
         }
     }
@@ -180,10 +284,14 @@ impl Builder {
     ///
     /// `build()` installs the handler and fails if another handler is already installed for
     /// that signal, rather than replacing it. Accepted: `SIGUSR1`, `SIGUSR2` or a real-time
-    /// signal (`SIGRTMIN..=SIGRTMAX`). By default, 42 ([`DEFAULT_STACK_SIGNAL`]).
+    /// signal (`SIGRTMIN..=SIGRTMAX`). Environment: `LOOPLAG_STACK_SIGNAL`. By default, 42
+    /// ([`DEFAULT_STACK_SIGNAL`]).
     pub fn stack_signal(self, signal: i32) -> Self {
         Builder {
-            stack_signal: signal,
+            explicit: Explicit {
+                stack_signal: Some(signal),
+                ..self.explicit
+            },
             ..self
         }
     }
@@ -192,10 +300,54 @@ impl Builder {
     /// continuously). Stalls over the limit are still detected, counted and reported; their
     /// reports say the stack was rate limited and how many captures were suppressed.
     ///
-    /// `0` captures no stacks. Accepted: 0 to 6000. By default, 30.
+    /// `0` captures no stacks. Accepted: 0 to 6000. Environment:
+    /// `LOOPLAG_MAX_STACKS_PER_MINUTE`. By default, 30.
     pub fn max_stacks_per_minute(self, max: u32) -> Self {
         Builder {
-            max_stacks_per_minute: max,
+            explicit: Explicit {
+                max_stacks_per_minute: Some(max),
+                ..self.explicit
+            },
+            ..self
+        }
+    }
+
+    /// Reads settings from the environment; values set by builder methods still win,
+    /// whether they are set before or after this call.
+    ///
+    /// | variable | setting | form |
+    /// |---|---|---|
+    /// | `LOOPLAG_RUNTIME_NAME` | [`runtime_name`](Builder::runtime_name) | text |
+    /// | `LOOPLAG_SAMPLE_INTERVAL` | [`sample_interval`](Builder::sample_interval) | duration |
+    /// | `LOOPLAG_STALL_THRESHOLD` | [`stall_threshold`](Builder::stall_threshold) | duration |
+    /// | `LOOPLAG_MAX_VICTIMS` | [`max_victims`](Builder::max_victims) | count |
+    /// | `LOOPLAG_MAX_STALL_LOGS_PER_SECOND` | [`max_stall_logs_per_second`](Builder::max_stall_logs_per_second) | count |
+    /// | `LOOPLAG_CAPTURE_STACKS` | [`capture_stacks`](Builder::capture_stacks) | `true` or `false` |
+    /// | `LOOPLAG_STACK_SIGNAL` | [`stack_signal`](Builder::stack_signal) | count |
+    /// | `LOOPLAG_MAX_STACKS_PER_MINUTE` | [`max_stacks_per_minute`](Builder::max_stacks_per_minute) | count |
+    ///
+    /// A duration is a whole number and a unit, `us`, `ms` or `s`, with no space: `250us`,
+    /// `50ms`, `1s`. A count is digits only. An empty variable counts as unset. The
+    /// variables are read when this method is called; it never fails: a value that does not
+    /// parse, or is out of range, makes [`build`](Builder::build) return
+    /// [`Error::InvalidSetting`] whose `setting` is the variable's name.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // With LOOPLAG_RUNTIME_NAME=api in the environment, the explicit name still wins:
+    /// let looplag = looplag::LoopLag::builder()
+    ///     .runtime_name("main")
+    ///     .from_env()
+    ///     .build()?;
+    /// assert_eq!(looplag.runtime_name(), "main");
+    /// # Ok::<(), looplag::Error>(())
+    /// ```
+    pub fn from_env(self) -> Self {
+        Builder {
+            env: EnvValues::read(),
             ..self
         }
     }
@@ -269,82 +421,150 @@ impl Builder {
     }
 
     fn validate(&self) -> Result<Config, Error> {
-        let name = &self.runtime_name;
-        if name.is_empty()
-            || name.chars().count() > MAX_RUNTIME_NAME_LEN
-            || name.chars().any(char::is_control)
+        let (explicit, env) = (&self.explicit, &self.env);
+        let name = resolve(
+            explicit.runtime_name.clone(),
+            "runtime_name",
+            env.runtime_name.as_ref(),
+            env::RUNTIME_NAME,
+            |text| Some(text.to_string()),
+            env::TEXT_FORM,
+            DEFAULT_RUNTIME_NAME.to_string(),
+        )?;
+        if name.value.is_empty()
+            || name.value.chars().count() > MAX_RUNTIME_NAME_LEN
+            || name.value.chars().any(char::is_control)
         {
             return Err(Error::InvalidSetting {
-                setting: "runtime_name",
-                value: format!("{name:?}"),
+                setting: name.setting,
+                value: format!("{:?}", name.value),
                 accepted: "1 to 128 characters, no control characters",
             });
         }
-        if !(MIN_SAMPLE_INTERVAL..=MAX_SAMPLE_INTERVAL).contains(&self.sample_interval) {
-            return Err(Error::InvalidSetting {
-                setting: "sample_interval",
-                value: format!("{:?}", self.sample_interval),
-                accepted: "a duration from 1ms to 1s",
-            });
+
+        let interval = resolve(
+            explicit.sample_interval,
+            "sample_interval",
+            env.sample_interval.as_ref(),
+            env::SAMPLE_INTERVAL,
+            env::parse_duration,
+            env::DURATION_FORM,
+            DEFAULT_SAMPLE_INTERVAL,
+        )?;
+        if !(MIN_SAMPLE_INTERVAL..=MAX_SAMPLE_INTERVAL).contains(&interval.value) {
+            return Err(interval.invalid(|d| format!("{d:?}"), "a duration from 1ms to 1s"));
         }
-        if self.stall_threshold < self.sample_interval || self.stall_threshold > MAX_STALL_THRESHOLD
-        {
-            return Err(Error::InvalidSetting {
-                setting: "stall_threshold",
-                value: format!("{:?}", self.stall_threshold),
-                accepted: "a duration from the sample interval up to 1h",
-            });
+
+        let threshold = resolve(
+            explicit.stall_threshold,
+            "stall_threshold",
+            env.stall_threshold.as_ref(),
+            env::STALL_THRESHOLD,
+            env::parse_duration,
+            env::DURATION_FORM,
+            DEFAULT_STALL_THRESHOLD,
+        )?;
+        if threshold.value < interval.value || threshold.value > MAX_STALL_THRESHOLD {
+            return Err(threshold.invalid(
+                |d| format!("{d:?}"),
+                "a duration from the sample interval up to 1h",
+            ));
         }
-        if self.max_victims > MAX_VICTIMS_LIMIT {
-            return Err(Error::InvalidSetting {
-                setting: "max_victims",
-                value: self.max_victims.to_string(),
-                accepted: "a count from 0 to 100000",
-            });
+
+        let max_victims = resolve(
+            explicit.max_victims,
+            "max_victims",
+            env.max_victims.as_ref(),
+            env::MAX_VICTIMS,
+            |text| env::parse_count(text).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            env::COUNT_FORM,
+            DEFAULT_MAX_VICTIMS,
+        )?;
+        if max_victims.value > MAX_VICTIMS_LIMIT {
+            return Err(max_victims.invalid(|n| n.to_string(), "a count from 0 to 100000"));
         }
-        if self.max_stacks_per_minute > MAX_STACKS_PER_MINUTE_LIMIT {
-            return Err(Error::InvalidSetting {
-                setting: "max_stacks_per_minute",
-                value: self.max_stacks_per_minute.to_string(),
-                accepted: "a count from 0 to 6000",
-            });
-        }
-        let stacks = if !self.capture_stacks || self.max_stacks_per_minute == 0 {
+
+        let max_logs = resolve(
+            explicit.max_stall_logs_per_second.map(u64::from),
+            "max_stall_logs_per_second",
+            env.max_stall_logs_per_second.as_ref(),
+            env::MAX_STALL_LOGS_PER_SECOND,
+            env::parse_count,
+            env::COUNT_FORM,
+            u64::from(DEFAULT_MAX_STALL_LOGS_PER_SECOND),
+        )?;
+        let max_stall_logs_per_second = match u32::try_from(max_logs.value) {
+            Ok(max) if max_logs.value <= MAX_STALL_LOGS_LIMIT => max,
+            _ => {
+                return Err(max_logs.invalid(|n| n.to_string(), "a count from 0 to 100000"));
+            }
+        };
+
+        let max_stacks = resolve(
+            explicit.max_stacks_per_minute.map(u64::from),
+            "max_stacks_per_minute",
+            env.max_stacks_per_minute.as_ref(),
+            env::MAX_STACKS_PER_MINUTE,
+            env::parse_count,
+            env::COUNT_FORM,
+            u64::from(DEFAULT_MAX_STACKS_PER_MINUTE),
+        )?;
+        let max_stacks_per_minute = match u32::try_from(max_stacks.value) {
+            Ok(max) if max_stacks.value <= MAX_STACKS_PER_MINUTE_LIMIT => max,
+            _ => return Err(max_stacks.invalid(|n| n.to_string(), "a count from 0 to 6000")),
+        };
+        let capture = resolve(
+            explicit.capture_stacks,
+            "capture_stacks",
+            env.capture_stacks.as_ref(),
+            env::CAPTURE_STACKS,
+            env::parse_bool,
+            env::BOOL_FORM,
+            true,
+        )?;
+        let signal = resolve(
+            explicit.stack_signal,
+            "stack_signal",
+            env.stack_signal.as_ref(),
+            env::STACK_SIGNAL,
+            |text| env::parse_count(text).and_then(|n| i32::try_from(n).ok()),
+            env::COUNT_FORM,
+            DEFAULT_STACK_SIGNAL,
+        )?;
+        let stacks = if !capture.value || max_stacks_per_minute == 0 {
             StackSupport::Disabled
         } else {
-            self.install_stack_handler()?
+            install_stack_handler(&signal)?
         };
+
         Ok(Config {
-            runtime_name: self.runtime_name.clone(),
-            sample_interval: self.sample_interval,
-            stall_threshold: self.stall_threshold,
-            max_victims: self.max_victims,
+            runtime_name: name.value,
+            sample_interval: interval.value,
+            stall_threshold: threshold.value,
+            max_victims: max_victims.value,
+            max_stall_logs_per_second,
             stacks,
-            max_stacks_per_minute: self.max_stacks_per_minute,
+            max_stacks_per_minute,
         })
     }
+}
 
-    fn install_stack_handler(&self) -> Result<StackSupport, Error> {
-        use crate::stack::StackError;
-        const ACCEPTED: &str =
-            "SIGUSR1, SIGUSR2 or a real-time signal (SIGRTMIN..=SIGRTMAX) with no other handler";
-        match crate::stack::install(self.stack_signal) {
-            Ok(()) => Ok(StackSupport::Enabled),
-            Err(StackError::Unsupported) => Ok(StackSupport::Unsupported),
-            Err(StackError::InvalidSignal { signal }) => Err(Error::InvalidSetting {
-                setting: "stack_signal",
-                value: signal.to_string(),
-                accepted: ACCEPTED,
-            }),
-            Err(StackError::SignalInUse { signal }) => Err(Error::InvalidSetting {
-                setting: "stack_signal",
-                value: format!("{signal} (another handler is installed for it)"),
-                accepted: ACCEPTED,
-            }),
-            Err(StackError::Os(err)) => Err(Error::StackHandler(err)),
-            Err(other) => Err(Error::StackHandler(std::io::Error::other(
-                other.to_string(),
-            ))),
-        }
+/// Installs the stack-capture signal handler for `signal` (once per signal per process).
+fn install_stack_handler(signal: &Resolved<i32>) -> Result<StackSupport, Error> {
+    use crate::stack::StackError;
+    const ACCEPTED: &str =
+        "SIGUSR1, SIGUSR2 or a real-time signal (SIGRTMIN..=SIGRTMAX) with no other handler";
+    match crate::stack::install(signal.value) {
+        Ok(()) => Ok(StackSupport::Enabled),
+        Err(StackError::Unsupported) => Ok(StackSupport::Unsupported),
+        Err(StackError::InvalidSignal { .. }) => Err(signal.invalid(|n| n.to_string(), ACCEPTED)),
+        Err(StackError::SignalInUse { .. }) => Err(signal.invalid(
+            |n| format!("{n} (another handler is installed for it)"),
+            ACCEPTED,
+        )),
+        Err(StackError::Os(err)) => Err(Error::StackHandler(err)),
+        Err(other) => Err(Error::StackHandler(std::io::Error::other(
+            other.to_string(),
+        ))),
     }
 }

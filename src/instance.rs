@@ -100,6 +100,27 @@ impl LoopLag {
         &self.inner.config.runtime_name
     }
 
+    /// The validated [`sample_interval`](Builder::sample_interval) (builder, environment or
+    /// default).
+    pub fn sample_interval(&self) -> std::time::Duration {
+        self.inner.config.sample_interval
+    }
+
+    /// The validated [`stall_threshold`](Builder::stall_threshold).
+    pub fn stall_threshold(&self) -> std::time::Duration {
+        self.inner.config.stall_threshold
+    }
+
+    /// The validated [`max_victims`](Builder::max_victims).
+    pub fn max_victims(&self) -> usize {
+        self.inner.config.max_victims
+    }
+
+    /// The validated [`max_stall_logs_per_second`](Builder::max_stall_logs_per_second).
+    pub fn max_stall_logs_per_second(&self) -> u32 {
+        self.inner.config.max_stall_logs_per_second
+    }
+
     /// The `tracing` layer to add to the subscriber.
     ///
     /// The layer finds the culprit span of a stall and the request spans that waited. All

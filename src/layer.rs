@@ -17,6 +17,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
+use crate::close_gate::{self, Closing};
 use crate::slots;
 
 /// The `tracing` layer of looplag; get one from [`LoopLag::layer`](crate::LoopLag::layer).
@@ -24,6 +25,17 @@ use crate::slots;
 /// Add it to a `tracing_subscriber::Registry`-based subscriber, next to
 /// `tracing-opentelemetry`'s layer. It keeps per-thread state for the watchdog and records
 /// nothing by itself: it never filters, and it never calls OpenTelemetry from a hook.
+///
+/// # Layer order
+///
+/// Add it **before** `tracing-opentelemetry`'s layer:
+/// `registry().with(looplag.layer()).with(tracing_opentelemetry::layer())`. A layer added
+/// first sees a span close first, and looplag's `on_close` waits there for a watchdog lookup
+/// of that span (see the crate's `close_gate` module) to finish. Added after, the watchdog
+/// can still be reading a closing span's OpenTelemetry data while `tracing-opentelemetry`
+/// closes it; release builds are fine either way, but in debug builds
+/// `tracing-opentelemetry`'s own debug assertion ("OtelDataLock should not be held by
+/// anything else when closing spans") can then fire, rarely, on the closing thread.
 ///
 /// # Examples
 ///
@@ -186,7 +198,7 @@ impl Shared {
 impl SpanAccess {
     /// Name, OpenTelemetry context and root of the open span `id`.
     pub(crate) fn span_info(&self, id: u64) -> Option<SpanInfo> {
-        (self.lookups.span_info)(&self.dispatch, id)
+        close_gate::while_no_span_closes(|| (self.lookups.span_info)(&self.dispatch, id))
     }
 
     /// The local root of the open span `id`.
@@ -196,7 +208,7 @@ impl SpanAccess {
 
     /// The OpenTelemetry context of an in-flight root, if it is still open.
     pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
-        (self.lookups.root_context)(&self.dispatch, root)
+        close_gate::while_no_span_closes(|| (self.lookups.root_context)(&self.dispatch, root))
     }
 }
 
@@ -217,8 +229,15 @@ where
             .get::<RootMark>()
             .map(|m| Arc::clone(&m.0))
     });
-    // No extensions are held here: `get_otel_context` locks them.
-    let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
+    // `get_otel_context` looks the span up again and panics if it is gone: only ask about
+    // a span that is not closing (see `close_gate`; the caller holds the gate). No
+    // extensions are held during the call: it locks them.
+    let closing = span.extensions().get::<Closing>().is_some();
+    let context = if closing {
+        None
+    } else {
+        tracing_opentelemetry::get_otel_context(&id, dispatch)
+    };
     let name = span.name();
     drop(span);
     Some(SpanInfo {
@@ -247,11 +266,17 @@ where
     let subscriber = dispatch.downcast_ref::<S>()?;
     let id = span_id(root.id)?;
     let span = subscriber.span(&id)?;
-    let same = span
-        .extensions()
-        .get::<RootMark>()
-        .is_some_and(|mark| mark.0.token == root.token);
-    if !same {
+    let (same, closing) = {
+        let extensions = span.extensions();
+        (
+            extensions
+                .get::<RootMark>()
+                .is_some_and(|mark| mark.0.token == root.token),
+            extensions.get::<Closing>().is_some(),
+        )
+    };
+    // Not a closing span: see `span_info` and `close_gate`.
+    if !same || closing {
         return None;
     }
     let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
@@ -307,11 +332,12 @@ where
         slots::with_current(|slot| slot.exit(id.into_u64()));
     }
 
-    /// Stops tracking a closed local root span.
+    /// Marks the span closing for the watchdog, and stops tracking a closed local root span.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else {
             return;
         };
+        close_gate::mark(|| span.extensions_mut().insert(Closing));
         let token = span.extensions().get::<RootMark>().map(|mark| mark.0.token);
         if let Some(token) = token {
             lock(&shared().roots).remove(&token);

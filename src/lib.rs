@@ -27,8 +27,8 @@
 //!     .build()?;
 //!
 //! tracing_subscriber::registry()
+//!     .with(looplag.layer()) // before tracing-opentelemetry's layer, see LoopLagLayer
 //!     // .with(tracing_opentelemetry::layer().with_tracer(tracer))
-//!     .with(looplag.layer())
 //!     .init();
 //!
 //! let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -52,22 +52,26 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 mod clock;
+mod close_gate;
 mod config;
 mod diagnosis;
+mod env;
 mod error;
 mod instance;
 mod layer;
 mod probe;
+mod ratelimit;
 mod report;
 mod slots;
 mod stack;
 mod symbolizer;
+mod sync;
 mod telemetry;
 mod watchdog;
 
 pub use config::{
-    Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME,
-    DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
+    Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS,
+    DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnosis::StallKind;
 pub use error::Error;

@@ -21,6 +21,10 @@ pub(crate) struct Probe {
     polled: Arc<AtomicU64>,
     /// Raw time the in-flight probe was spawned.
     in_flight: Option<u64>,
+    /// The in-flight probe's task: finished without being polled means the runtime shut
+    /// down (tokio cancels the tasks of a runtime that shuts down, and any task spawned
+    /// after).
+    task: Option<tokio::task::JoinHandle<()>>,
     /// Ticks skipped while the probe waited: how many, and the raw time of the first.
     skipped: u64,
     first_skipped: u64,
@@ -32,6 +36,7 @@ impl Probe {
         Probe {
             polled: Arc::new(AtomicU64::new(0)),
             in_flight: None,
+            task: None,
             skipped: 0,
             first_skipped: 0,
             interval,
@@ -81,13 +86,22 @@ impl Probe {
         self.skipped = 0;
     }
 
+    /// Whether the runtime has shut down: the in-flight probe was cancelled unpolled.
+    ///
+    /// `is_finished` is read first: a probe that ran stored `polled` before finishing, so
+    /// once it is seen finished, its store is visible.
+    pub(crate) fn runtime_shut_down(&self) -> bool {
+        self.task.as_ref().is_some_and(|task| task.is_finished())
+            && self.polled.load(Ordering::Acquire) == 0
+    }
+
     fn spawn(&mut self, handle: &tokio::runtime::Handle) {
         self.polled.store(0, Ordering::Release);
         let polled = Arc::clone(&self.polled);
         let spawned = clock::raw();
         self.in_flight = Some(spawned);
         // The probe must be as cheap as possible: one clock read and one store.
-        drop(handle.spawn(async move {
+        self.task = Some(handle.spawn(async move {
             polled.store(clock::raw().max(1), Ordering::Release);
         }));
     }

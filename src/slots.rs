@@ -34,9 +34,10 @@
 use std::cell::{Cell, RefCell};
 use std::panic::Location;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// The thread is inside a poll.
 pub(crate) const BUSY: u64 = 1 << 62;
@@ -49,7 +50,7 @@ pub(crate) const STACK_DEPTH: usize = 32;
 /// How many recent poll-level span ids a slot remembers for victim attribution.
 pub(crate) const RING: usize = 64;
 
-static NEXT_THREAD_UID: AtomicU64 = AtomicU64::new(1);
+static NEXT_THREAD_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 thread_local! {
     static THREAD_UID: Cell<u64> = const { Cell::new(0) };
@@ -247,14 +248,14 @@ impl Slot {
             return;
         }
         if current & FLAGGED != 0 {
-            self.flagged_end();
+            self.publish_flagged_end();
         }
         self.word.store(current & TS_MASK, Ordering::Release);
     }
 
     /// A flagged poll ends: publish the end time and the CPU time (rare: stalls only).
     #[cold]
-    fn flagged_end(&self) {
+    fn publish_flagged_end(&self) {
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
@@ -404,6 +405,24 @@ impl Slot {
         self.cpu_clock.and_then(|clock| clock.cpu_time())
     }
 
+    /// The state of the poll the watchdog flagged (`flagged_word`, flag set at raw time
+    /// `flagged_at`): `None` while it runs, else the raw time it ended: the end the owner
+    /// published, or, when the owner missed the flag (it landed between the owner's load
+    /// and store in `poll_end`), the time of the flag itself.
+    pub(crate) fn flagged_end(
+        &self,
+        flagged_word: u64,
+        flagged_at: u64,
+    ) -> Option<(u64, Option<Duration>)> {
+        if self.word() == flagged_word {
+            return None;
+        }
+        Some(
+            self.published_end(flagged_word & TS_MASK)
+                .unwrap_or((flagged_at, None)),
+        )
+    }
+
     /// The span ids entered on the thread, outermost first (at most `STACK_DEPTH`).
     pub(crate) fn entered_spans(&self, depth: usize) -> impl Iterator<Item = u64> + '_ {
         self.stack
@@ -450,7 +469,7 @@ impl Slot {
 #[derive(Debug)]
 pub(crate) struct Registry {
     pub(crate) instance: u64,
-    pub(crate) poll_hooks: AtomicBool,
+    pub(crate) poll_hooks: std::sync::atomic::AtomicBool,
     slots: Mutex<Vec<Arc<Slot>>>,
 }
 
@@ -458,7 +477,7 @@ impl Registry {
     pub(crate) fn new(instance: u64) -> Self {
         Registry {
             instance,
-            poll_hooks: AtomicBool::new(false),
+            poll_hooks: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(Vec::new()),
         }
     }
@@ -543,6 +562,9 @@ impl Registry {
         slots.clone()
     }
 }
+
+#[cfg(all(test, looplag_loom))]
+mod loom_tests;
 
 #[cfg(target_os = "linux")]
 fn os_tid() -> Option<i64> {

@@ -20,6 +20,7 @@ use crate::diagnosis::{self, StallKind};
 use crate::instance::Inner;
 use crate::layer::{self, SpanAccess, SpanInfo};
 use crate::probe::Probe;
+use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
 use crate::symbolizer::Symbolizer;
@@ -69,6 +70,8 @@ struct WorkerTrack {
     activity: u64,
     /// Raw time of the first tick that saw the current `activity`.
     activity_since: u64,
+    /// How many ticks have read this worker's metrics (saturating).
+    observed: u32,
 }
 
 enum Source {
@@ -162,6 +165,11 @@ struct Watch {
     finishing: Vec<Ended>,
     symbolizer: Option<Symbolizer>,
     next_stall_id: u64,
+    /// The stall log's rate limit (the callback and telemetry are not limited).
+    logs: LogLimiter,
+    /// The runtime has shut down: its workers exit, and a worker that exited looks like one
+    /// stuck in an uninstrumented poll (unparked, metrics frozen), so estimation stops.
+    shut_down: bool,
 }
 
 /// Token bucket for stack captures: `per_minute` tokens, refilled continuously.
@@ -229,6 +237,7 @@ impl Watch {
         }
         let max_stacks = inner.config.max_stacks_per_minute;
         let inner_stacks = inner.config.stacks;
+        let logs = LogLimiter::new(inner.config.max_stall_logs_per_second);
         Watch {
             probe: Probe::new(inner.config.sample_interval),
             inner,
@@ -245,6 +254,8 @@ impl Watch {
             finishing: Vec::new(),
             symbolizer: (inner_stacks == StackSupport::Enabled).then(Symbolizer::start),
             next_stall_id: 1,
+            logs,
+            shut_down: false,
         }
     }
 
@@ -255,6 +266,7 @@ impl Watch {
         self.probe.tick(now, &self.handle, |seconds| {
             instruments.delay.record(seconds, &instruments.attributes)
         });
+        self.shut_down = self.shut_down || self.probe.runtime_shut_down();
         let slots = self.inner.registry.live();
         let access = layer::shared().access();
         if let Some(access) = &access {
@@ -264,12 +276,18 @@ impl Watch {
         self.track_cpu(&slots, now);
         self.check_active(now, access.as_ref());
         self.detect_exact(&slots, now, &anchor, access.as_ref());
-        if !self.inner.registry.poll_hooks.load(Ordering::Relaxed) && self.multi_thread {
+        if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)
+            && self.multi_thread
+            && !self.shut_down
+        {
             self.detect_estimated(&slots, now, &anchor);
         }
         self.collect_stacks();
         self.finish_waiting(now, false);
         self.warn_if_unhooked(&slots);
+        if let Some(suppressed) = self.logs.roll(Instant::now()) {
+            self.log_suppressed(suppressed);
+        }
         self.previous_tick = now;
     }
 
@@ -309,10 +327,19 @@ impl Watch {
                 metrics.worker_park_unpark_count(index),
                 metrics.worker_total_busy_duration(index),
             );
-            if current != track.metrics {
+            if track.observed == 0 {
+                // First sight: when these values were published is unknown. Recording the
+                // watchdog's start as their change made a poll that began before the first
+                // tick look moved away (never frozen), so a stall in progress when the
+                // watchdog started was never detected. `worker_frozen_since` waits for a
+                // second reading instead.
+                track.metrics = current;
+                track.changed_after = 0;
+            } else if current != track.metrics {
                 track.metrics = current;
                 track.changed_after = self.previous_tick;
             }
+            track.observed = track.observed.saturating_add(1);
             let mut activity = current.0 ^ (current.1.as_nanos() as u64).rotate_left(17);
             for slot in slots.iter().filter(|slot| slot.worker_index == Some(index)) {
                 activity = activity.rotate_left(5) ^ (slot.word() & !FLAGGED);
@@ -458,7 +485,13 @@ impl Watch {
             return true;
         }
         match slot.worker_index.and_then(|index| self.workers.get(index)) {
-            Some(track) => track.changed_after < start,
+            // Read twice, unparked (tokio publishes the park count as it parks and right
+            // after it unparks: odd means the worker index is parked, so the thread stuck
+            // in this poll is not running it, as after `block_in_place`), and unchanged
+            // since before the poll began.
+            Some(track) => {
+                track.observed >= 2 && track.metrics.0 % 2 == 0 && track.changed_after < start
+            }
             None => true,
         }
     }
@@ -559,20 +592,18 @@ impl Watch {
                     flagged_word,
                     flagged_at,
                 } => {
-                    if slot.word() == *flagged_word && !slot.is_dead() {
-                        None
-                    } else if slot.is_dead() {
+                    if slot.is_dead() {
                         Some((now, None))
                     } else {
-                        let start = self.active[index].start;
-                        Some(slot.published_end(start).unwrap_or((*flagged_at, None)))
+                        slot.flagged_end(*flagged_word, *flagged_at)
                     }
                 }
                 Source::Estimated {
                     worker, activity, ..
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
-                    (track.activity != *activity || track.metrics.0 % 2 == 1).then_some((now, None))
+                    (track.activity != *activity || track.metrics.0 % 2 == 1 || self.shut_down)
+                        .then_some((now, None))
                 }
             };
             match ended_at {
@@ -890,27 +921,45 @@ impl Watch {
         }
     }
 
-    /// Logs the report and hands it to the callback.
-    fn publish(&self, report: &StallReport, _context: Option<&Context>) {
-        match report.state {
-            StallState::InProgress => tracing::warn!(
-                target: "looplag",
-                runtime = %report.runtime_name,
-                duration_ms = report.duration.as_secs_f64() * 1e3,
-                "stall in progress: {report}"
-            ),
-            StallState::Ended => tracing::warn!(
-                target: "looplag",
-                runtime = %report.runtime_name,
-                duration_ms = report.duration.as_secs_f64() * 1e3,
-                "stall ended: {report}"
-            ),
+    /// Logs the report (within the log's rate limit) and hands it to the callback (always).
+    fn publish(&mut self, report: &StallReport, _context: Option<&Context>) {
+        let now = Instant::now();
+        if let Some(suppressed) = self.logs.roll(now) {
+            self.log_suppressed(suppressed);
+        }
+        if self.logs.admit(now) {
+            match report.state {
+                StallState::InProgress => tracing::warn!(
+                    target: "looplag",
+                    runtime = %report.runtime_name,
+                    duration_ms = report.duration.as_secs_f64() * 1e3,
+                    "stall in progress: {report}"
+                ),
+                StallState::Ended => tracing::warn!(
+                    target: "looplag",
+                    runtime = %report.runtime_name,
+                    duration_ms = report.duration.as_secs_f64() * 1e3,
+                    "stall ended: {report}"
+                ),
+            }
         }
         if let Some(callback) = &self.inner.on_stall {
             if panic::catch_unwind(AssertUnwindSafe(|| callback(report))).is_err() {
                 tracing::error!(target: "looplag", "the on_stall callback panicked");
             }
         }
+    }
+
+    /// The summary line for stall log lines over the rate limit.
+    fn log_suppressed(&self, suppressed: u64) {
+        tracing::warn!(
+            target: "looplag",
+            runtime = %self.inner.config.runtime_name,
+            suppressed,
+            "{suppressed} stall reports suppressed in the last second (max_stall_logs_per_second \
+             is {}); metrics, spans and the on_stall callback still got every one",
+            self.inner.config.max_stall_logs_per_second
+        );
     }
 
     fn warn_if_unhooked(&mut self, slots: &[Arc<Slot>]) {
@@ -943,6 +992,9 @@ impl Watch {
             std::thread::sleep(Duration::from_millis(5));
         }
         self.finish_waiting(anchor.raw, true);
+        if let Some(suppressed) = self.logs.close() {
+            self.log_suppressed(suppressed);
+        }
     }
 }
 

@@ -49,8 +49,9 @@ pub fn harness(configure: impl FnOnce(looplag::Builder) -> looplag::Builder) -> 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        // looplag's layer first: see "Layer order" in LoopLagLayer's docs.
         .with(looplag.layer())
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_test_writer()
