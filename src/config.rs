@@ -107,6 +107,7 @@ pub(crate) struct Config {
     pub(crate) max_stall_logs_per_second: u32,
     /// Stacks are captured (the handler is installed and the platform supports it).
     pub(crate) stacks: StackSupport,
+    pub(crate) stack_signal: i32,
     pub(crate) max_stacks_per_minute: u32,
 }
 
@@ -544,6 +545,7 @@ impl Builder {
             max_victims: max_victims.value,
             max_stall_logs_per_second,
             stacks,
+            stack_signal: signal.value,
             max_stacks_per_minute,
         })
     }

@@ -121,6 +121,23 @@ impl LoopLag {
         self.inner.config.max_stall_logs_per_second
     }
 
+    /// Whether stall stacks are captured: [`capture_stacks`](Builder::capture_stacks) is on,
+    /// [`max_stacks_per_minute`](Builder::max_stacks_per_minute) is not 0, and the platform
+    /// supports it (Linux x86_64).
+    pub fn captures_stacks(&self) -> bool {
+        self.inner.config.stacks == crate::config::StackSupport::Enabled
+    }
+
+    /// The validated [`stack_signal`](Builder::stack_signal).
+    pub fn stack_signal(&self) -> i32 {
+        self.inner.config.stack_signal
+    }
+
+    /// The validated [`max_stacks_per_minute`](Builder::max_stacks_per_minute).
+    pub fn max_stacks_per_minute(&self) -> u32 {
+        self.inner.config.max_stacks_per_minute
+    }
+
     /// The `tracing` layer to add to the subscriber.
     ///
     /// The layer finds the culprit span of a stall and the request spans that waited. All

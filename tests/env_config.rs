@@ -10,12 +10,15 @@ use std::time::Duration;
 
 use looplag::{Error, LoopLag};
 
-const ALL: [&str; 5] = [
+const ALL: [&str; 8] = [
     "LOOPLAG_RUNTIME_NAME",
     "LOOPLAG_SAMPLE_INTERVAL",
     "LOOPLAG_STALL_THRESHOLD",
     "LOOPLAG_MAX_VICTIMS",
     "LOOPLAG_MAX_STALL_LOGS_PER_SECOND",
+    "LOOPLAG_CAPTURE_STACKS",
+    "LOOPLAG_STACK_SIGNAL",
+    "LOOPLAG_MAX_STACKS_PER_MINUTE",
 ];
 
 const DURATION_FORM: &str =
@@ -343,6 +346,86 @@ fn from_env_never_fails_and_build_reports_the_first_bad_variable() {
         err.to_string(),
         format!(
             "invalid looplag setting `LOOPLAG_SAMPLE_INTERVAL`: \"soon\" (accepted: {DURATION_FORM})"
+        )
+    );
+}
+
+#[test]
+fn capture_stacks_good_and_bad() {
+    for (text, expected) in [("true", true), ("false", false)] {
+        set_env(&[("LOOPLAG_CAPTURE_STACKS", text)]);
+        assert_eq!(from_env().unwrap().captures_stacks(), expected);
+    }
+    for bad in ["yes", "1", "TRUE", "on", " true"] {
+        set_env(&[("LOOPLAG_CAPTURE_STACKS", bad)]);
+        assert_eq!(
+            invalid(from_env()),
+            (
+                "LOOPLAG_CAPTURE_STACKS".to_string(),
+                format!("{bad:?}"),
+                "`true` or `false`".to_string()
+            )
+        );
+    }
+}
+
+#[test]
+fn stack_signal_good_and_bad() {
+    // 42 is the default; 50 is another free real-time signal.
+    for (text, expected) in [("42", 42), ("50", 50)] {
+        set_env(&[("LOOPLAG_STACK_SIGNAL", text)]);
+        assert_eq!(from_env().unwrap().stack_signal(), expected);
+    }
+    for bad in ["SIGRTMIN", "-1", "4x"] {
+        set_env(&[("LOOPLAG_STACK_SIGNAL", bad)]);
+        assert_eq!(
+            invalid(from_env()),
+            (
+                "LOOPLAG_STACK_SIGNAL".to_string(),
+                format!("{bad:?}"),
+                COUNT_FORM.to_string()
+            )
+        );
+    }
+    // A number, but not a signal looplag accepts: SIGKILL, SIGSEGV, out of range.
+    for refused in ["9", "11", "1000"] {
+        set_env(&[("LOOPLAG_STACK_SIGNAL", refused)]);
+        let (setting, value, accepted) = invalid(from_env());
+        assert_eq!(setting, "LOOPLAG_STACK_SIGNAL");
+        assert_eq!(value, format!("{refused:?}"));
+        assert!(accepted.contains("real-time signal"), "{accepted}");
+    }
+}
+
+#[test]
+fn max_stacks_per_minute_good_and_bad() {
+    for (text, expected) in [("0", 0), ("1", 1), ("6000", 6000)] {
+        set_env(&[("LOOPLAG_MAX_STACKS_PER_MINUTE", text)]);
+        let looplag = from_env().unwrap();
+        assert_eq!(looplag.max_stacks_per_minute(), expected);
+        assert_eq!(
+            looplag.captures_stacks(),
+            expected > 0 && cfg!(all(target_os = "linux", target_arch = "x86_64"))
+        );
+    }
+    for bad in ["-1", "ten", "1.5"] {
+        set_env(&[("LOOPLAG_MAX_STACKS_PER_MINUTE", bad)]);
+        assert_eq!(
+            invalid(from_env()),
+            (
+                "LOOPLAG_MAX_STACKS_PER_MINUTE".to_string(),
+                format!("{bad:?}"),
+                COUNT_FORM.to_string()
+            )
+        );
+    }
+    set_env(&[("LOOPLAG_MAX_STACKS_PER_MINUTE", "6001")]);
+    assert_eq!(
+        invalid(from_env()),
+        (
+            "LOOPLAG_MAX_STACKS_PER_MINUTE".to_string(),
+            "\"6001\"".to_string(),
+            "a count from 0 to 6000".to_string()
         )
     );
 }
