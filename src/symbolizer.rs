@@ -20,6 +20,20 @@ pub(crate) struct Symbolizer {
     results: Option<Receiver<(u64, StackCapture)>>,
     /// Results received while waiting for another stall's.
     early: Vec<(u64, StackCapture)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Symbolizer {
+    /// Closes the queue and waits for the thread to end (it finishes the stack in hand, or
+    /// the loading of the symbols, first), so a stopped watchdog leaves no thread behind.
+    fn drop(&mut self) {
+        self.requests = None;
+        self.results = None;
+        if let Some(thread) = self.thread.take() {
+            // A panic on the symbolizer thread has nothing left to report; never panic here.
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Symbolizer {
@@ -39,15 +53,17 @@ impl Symbolizer {
                 }
             });
         match spawned {
-            Ok(_) => Symbolizer {
+            Ok(thread) => Symbolizer {
                 requests: Some(request_tx),
                 results: Some(result_rx),
                 early: Vec::new(),
+                thread: Some(thread),
             },
             Err(_) => Symbolizer {
                 requests: None,
                 results: None,
                 early: Vec::new(),
+                thread: None,
             },
         }
     }

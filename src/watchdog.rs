@@ -236,7 +236,6 @@ impl Watch {
             }
         }
         let max_stacks = inner.config.max_stacks_per_minute;
-        let inner_stacks = inner.config.stacks;
         let logs = LogLimiter::new(inner.config.max_stall_logs_per_second);
         Watch {
             probe: Probe::new(inner.config.sample_interval),
@@ -252,7 +251,8 @@ impl Watch {
             cpu_seen: HashMap::new(),
             stacks: StackBudget::new(max_stacks, clock::raw()),
             finishing: Vec::new(),
-            symbolizer: (inner_stacks == StackSupport::Enabled).then(Symbolizer::start),
+            // Started at the first captured stack: no thread while nothing stalls.
+            symbolizer: None,
             next_stall_id: 1,
             logs,
             shut_down: false,
