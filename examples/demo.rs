@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example demo                 # a 15 s story in the terminal, no collector needed
+//! cargo run --release --example demo -- --loop       # play the story again every 15 s until Ctrl-C
 //! cargo run --release --example demo -- --serve      # keep serving on 127.0.0.1:8080 for your own traffic
 //! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 cargo run --release --example demo   # also ship OTLP
 //! ```
@@ -15,7 +16,7 @@
 //!
 //! OTLP: set `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`
 //! for port 4318; gRPC is the default here), optionally `OTEL_SERVICE_NAME` (default
-//! `looplag-demo`). Options: `--serve`, `--addr HOST:PORT` (with `--serve`, default
+//! `looplag-demo`). Options: `--loop`, `--serve`, `--addr HOST:PORT` (with `--serve`, default
 //! 127.0.0.1:8080), `--multi-thread` or `--workers N` (a multi-thread runtime instead of the
 //! default current-thread one: the other workers keep serving while one is stuck, so the
 //! delay percentiles barely move, but looplag still reports the stuck worker, and only the
@@ -55,6 +56,7 @@ const FAST_CLIENTS: usize = 4;
 
 struct Options {
     serve: bool,
+    repeat: bool,
     addr: SocketAddr,
     workers: usize,
     current_thread: bool,
@@ -63,6 +65,7 @@ struct Options {
 fn options() -> Result<Options, String> {
     let mut options = Options {
         serve: false,
+        repeat: false,
         addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
         workers: 0,
         current_thread: true,
@@ -71,6 +74,7 @@ fn options() -> Result<Options, String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--serve" => options.serve = true,
+            "--loop" => options.repeat = true,
             "--current-thread" => options.current_thread = true,
             "--multi-thread" => options.current_thread = false,
             "--addr" => {
@@ -89,7 +93,7 @@ fn options() -> Result<Options, String> {
                     .ok_or(format!("--workers {value}: expected a number >= 1"))?;
             }
             "-h" | "--help" => {
-                println!("usage: demo [--serve] [--addr HOST:PORT] [--multi-thread] [--workers N]");
+                println!("usage: demo [--loop | --serve [--addr HOST:PORT]] [--multi-thread] [--workers N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -185,13 +189,15 @@ fn main() {
     // thread is inside its `block_on`) until Ctrl-C or the end of the story.
     let server_state = state.clone();
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let on_ctrl_c = Arc::clone(&interrupted);
     let server = std::thread::Builder::new()
         .name("server".into())
         .spawn(move || {
-            let stopped = async {
+            let stopped = async move {
                 tokio::select! {
                     _ = server_stopped => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = tokio::signal::ctrl_c() => on_ctrl_c.store(true, Ordering::Relaxed),
                 }
             };
             let served = runtime.block_on(async {
@@ -209,8 +215,11 @@ fn main() {
     println!("looplag demo: axum on http://{addr} ({flavor}); stall threshold 50 ms");
     match &otlp {
         Some(target) => println!(
-            "OTLP: {:?} to $OTEL_EXPORTER_OTLP_ENDPOINT ({})",
-            target.protocol,
+            "OTLP: {} to {} (OTEL_EXPORTER_OTLP_ENDPOINT)",
+            match target.protocol {
+                telemetry::Protocol::Grpc => "gRPC",
+                telemetry::Protocol::HttpProtobuf => "HTTP/protobuf",
+            },
             std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default()
         ),
         None => println!("OTLP: off (set OTEL_EXPORTER_OTLP_ENDPOINT to ship spans and metrics)"),
@@ -248,7 +257,12 @@ fn main() {
         );
     } else {
         println!(
-            "driving traffic for {} s: {FAST_CLIENTS} clients on /fast?ms=20, and {}",
+            "driving traffic {} {} s: {FAST_CLIENTS} clients on /fast?ms=20, and {}",
+            if options.repeat {
+                "until Ctrl-C, in cycles of"
+            } else {
+                "for"
+            },
             STORY.as_secs(),
             SCRIPT
                 .iter()
@@ -256,7 +270,7 @@ fn main() {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        drive_traffic(addr, started, &fast);
+        drive_traffic(addr, started, &fast, options.repeat, &interrupted);
         // Let the last stall end and its report arrive.
         std::thread::sleep(Duration::from_millis(300));
         let _ = stop_server.send(());
@@ -291,7 +305,15 @@ struct FastStats {
 
 /// The client side of the story, on its own thread and runtime: a stalled server must not
 /// stall the clients that measure it.
-fn drive_traffic(addr: SocketAddr, started: Instant, fast: &Arc<Mutex<FastStats>>) {
+///
+/// Plays the script once, or, with `repeat`, again every [`STORY`] until `stop` is set.
+fn drive_traffic(
+    addr: SocketAddr,
+    started: Instant,
+    fast: &Arc<Mutex<FastStats>>,
+    repeat: bool,
+    stop: &Arc<AtomicBool>,
+) {
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("demo-client")
@@ -301,13 +323,17 @@ fn drive_traffic(addr: SocketAddr, started: Instant, fast: &Arc<Mutex<FastStats>
     client_runtime.block_on(async {
         let client = reqwest::Client::new();
         let end = started + STORY;
+        let going = move |stop: &AtomicBool| {
+            !stop.load(Ordering::Relaxed) && (repeat || Instant::now() < end)
+        };
         let mut clients = Vec::new();
         for _ in 0..FAST_CLIENTS {
             let client = client.clone();
             let fast = Arc::clone(fast);
+            let stop = Arc::clone(stop);
             let url = format!("http://{addr}/fast?ms=20");
             clients.push(tokio::spawn(async move {
-                while Instant::now() < end {
+                while going(&stop) {
                     let sent = Instant::now();
                     let ok = match client.get(&url).send().await {
                         Ok(response) => response.status().is_success(),
@@ -324,15 +350,32 @@ fn drive_traffic(addr: SocketAddr, started: Instant, fast: &Arc<Mutex<FastStats>
                 }
             }));
         }
-        for (at, path) in SCRIPT {
-            tokio::time::sleep_until((started + Duration::from_millis(at)).into()).await;
-            let client = client.clone();
-            let url = format!("http://{addr}{path}");
-            clients.push(tokio::spawn(async move {
-                if let Err(err) = client.get(&url).send().await {
-                    eprintln!("GET {url} failed: {err}");
+        let mut cycle = started;
+        'story: loop {
+            for (at, path) in SCRIPT {
+                let when = cycle + Duration::from_millis(at);
+                while Instant::now() < when {
+                    if stop.load(Ordering::Relaxed) {
+                        break 'story;
+                    }
+                    let step = when.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(step.min(Duration::from_millis(100))).await;
                 }
-            }));
+                let client = client.clone();
+                let url = format!("http://{addr}{path}");
+                clients.push(tokio::spawn(async move {
+                    if let Err(err) = client.get(&url).send().await {
+                        eprintln!("GET {url} failed: {err}");
+                    }
+                }));
+            }
+            if !repeat {
+                break;
+            }
+            cycle += STORY;
+            while Instant::now() < cycle && !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         for client in clients {
             let _ = client.await;
