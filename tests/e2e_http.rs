@@ -24,12 +24,14 @@ fn fast_requests_waiting_behind_a_blocking_handler_carry_the_victim_event() {
     let h = harness(|b| b);
     let runtime = current_thread(&h.looplag);
     let watchdog = h.looplag.start(runtime.handle()).expect("start");
-    let server = Server::start(runtime, app::AppState::default());
+    let state = app::AppState::default();
+    let server = Server::start(runtime, state.clone());
 
+    // Three /fast requests waiting 800 ms each, then /block?ms=300 while they wait.
     let replies = support::concurrent_gets(
         server.addr,
         &["/fast?ms=800", "/fast?ms=800", "/fast?ms=800"],
-        Duration::from_millis(200),
+        support::received(&state, 3),
         "/block?ms=300",
     );
     for reply in &replies {

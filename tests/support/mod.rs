@@ -62,13 +62,24 @@ impl Server {
     }
 }
 
+/// A check that the server has received `n` requests (its request span is open).
+pub fn received(state: &app::AppState, n: u64) -> impl Fn() -> bool {
+    let requests = std::sync::Arc::clone(&state.requests);
+    move || requests.load(std::sync::atomic::Ordering::Relaxed) >= n
+}
+
 /// Status and body of one GET, from a client on its own runtime.
 pub type Reply = Result<(u16, String), String>;
 
-/// Sends the `fast` requests (paths) at once, then, `after` later, the `slow` one, while the
-/// `fast` ones are still in flight; returns every reply (`fast` first). The client has its
-/// own thread and runtime: a stalled server must not stall its clients.
-pub fn concurrent_gets(addr: SocketAddr, fast: &[&str], after: Duration, slow: &str) -> Vec<Reply> {
+/// Sends the `fast` requests (paths) at once, then, once `in_flight()` says the server has
+/// them (checked every 5 ms, for at most 10 s), the `slow` one; returns every reply (`fast`
+/// first). The client has its own runtime: a stalled server must not stall its clients.
+pub fn concurrent_gets(
+    addr: SocketAddr,
+    fast: &[&str],
+    in_flight: impl Fn() -> bool,
+    slow: &str,
+) -> Vec<Reply> {
     let client_runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,7 +102,17 @@ pub fn concurrent_gets(addr: SocketAddr, fast: &[&str], after: Duration, slow: &
             })
         };
         let mut pending: Vec<_> = fast.into_iter().map(&get).collect();
-        tokio::time::sleep(after).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !in_flight() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not receive the first requests within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The handlers run in the same poll as the middleware that counted them; give the
+        // server a moment to reach their await anyway.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         pending.push(get(slow));
         let mut replies = Vec::new();
         for request in pending {
