@@ -51,6 +51,10 @@ const SCRIPT: [(u64, &str); 4] = [
     (11_500, "/block?ms=1200"),
 ];
 
+/// How many frames of a stall's stack the demo prints (more when the first frame in this
+/// crate's code is deeper).
+const STACK_FRAMES: usize = 5;
+
 /// Concurrent clients sending `/fast?ms=20` in a loop during the story.
 const FAST_CLIENTS: usize = 4;
 
@@ -135,7 +139,7 @@ fn main() {
         .meter(telemetry.meter_provider.meter("looplag"))
         .tracer(telemetry.tracer_provider.tracer("looplag"))
         .on_stall(move |report| {
-            let _ = events.send(Event::Stall(report.clone()));
+            let _ = events.send(Event::Stall(Box::new(report.clone())));
         })
         .build()
         .expect("valid looplag settings");
@@ -386,7 +390,7 @@ fn drive_traffic(
 /// What the printer prints.
 enum Event {
     /// A stall report, from the `on_stall` callback.
-    Stall(StallReport),
+    Stall(Box<StallReport>),
     /// The delay histogram of the last second, from the terminal's metric reader.
     Second(Option<telemetry::DelayHistogram>),
 }
@@ -416,7 +420,7 @@ impl Printer {
                     self.print_stall(&report);
                     stalled = true;
                     if report.state == StallState::Ended {
-                        ended.push(report);
+                        ended.push(*report);
                     }
                 }
                 Ok(Event::Second(delay)) => {
@@ -438,7 +442,7 @@ impl Printer {
             if let Event::Stall(report) = event {
                 self.print_stall(&report);
                 if report.state == StallState::Ended {
-                    ended.push(report);
+                    ended.push(*report);
                 }
             }
         }
@@ -530,18 +534,70 @@ impl Printer {
     }
 }
 
-/// Where the blocking code is, as far as the report tells: the task's spawn location (with
-/// `--cfg tokio_unstable`) and the innermost span. This is where the top frames of the
-/// captured stack are printed once `StallReport` carries them.
+/// Where the blocking code is and what it does: the stall's kind and system call, the top
+/// frames of the blocked thread's stack (innermost first), and the task's spawn location
+/// (with `--cfg tokio_unstable`).
 fn culprit(report: &StallReport) -> Vec<String> {
     let mut lines = Vec::new();
+    if let Some(kind) = report.kind {
+        let mut line = format!("kind: {}", kind.as_str());
+        if let Some(cpu) = report.cpu_time {
+            line += &format!(", {} on CPU", ms(cpu.as_secs_f64()));
+        }
+        if let Some(syscall) = report.syscall {
+            line += &format!(", waiting in {syscall}()");
+        }
+        lines.push(line);
+    }
+    match report.stack.frames() {
+        Some(frames) => {
+            // The top frames, down to the first one in this crate's code at least.
+            let ours = frames.iter().position(|frame| {
+                frame
+                    .file
+                    .as_deref()
+                    .is_some_and(|file| file.starts_with(env!("CARGO_MANIFEST_DIR")))
+            });
+            let shown = ours.map_or(STACK_FRAMES, |i| (i + 1).max(STACK_FRAMES));
+            for (index, frame) in frames.iter().take(shown).enumerate() {
+                let mut line = format!("{index:>2}: {}", frame.function);
+                if let Some(file) = &frame.file {
+                    line += &format!("  {}", short_path(file));
+                    if let Some(number) = frame.line {
+                        line += &format!(":{number}");
+                    }
+                }
+                if Some(index) == ours {
+                    line += "   <- the blocking code";
+                }
+                lines.push(line);
+            }
+            if frames.len() > shown {
+                lines.push(format!("    ... {} more frames", frames.len() - shown));
+            }
+        }
+        None => lines.push(format!("stack: {}", report.stack.status())),
+    }
     if let Some(location) = report.spawn_location {
         lines.push(format!("task spawned at {location}"));
     }
-    if let Some(span) = report.span_name {
-        lines.push(format!("in span `{span}`"));
-    }
     lines
+}
+
+/// A source path without the toolchain, registry or project prefix.
+fn short_path(file: &str) -> &str {
+    if let Some(rest) = file.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
+        return rest.trim_start_matches('/');
+    }
+    if let Some((_, rest)) = file.split_once("/library/") {
+        return rest;
+    }
+    if let Some((_, rest)) = file.split_once("/registry/src/") {
+        return rest
+            .split_once('/')
+            .map_or(rest, |(_, crate_path)| crate_path);
+    }
+    file
 }
 
 /// Percentiles of the delay samples recorded since the last read.

@@ -29,5 +29,14 @@ for request in '/block\?ms=300' '/cpu\?ms=200' '/mutex\?ms=250' '/block\?ms=1200
         "the ended stall of GET ${request//\\/} with its victim count"
 done
 expect 'STALL  blocked for [0-9.]+ ms so far  in GET /block\?ms=1200' "an in-progress report"
+if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 ]]; then
+    # Stacks and the stall diagnosis (Linux): what each stall did, and the line that did it.
+    expect 'kind: blocked, .* waiting in clock_nanosleep\(\)' "the diagnosis of a sleeping handler"
+    expect 'kind: cpu, ' "the diagnosis of a spinning handler"
+    expect 'kind: blocked, .* waiting in futex\(\)' "the diagnosis of a handler waiting for a mutex"
+    for culprit in block cpu mutex; do
+        expect "demo::app::${culprit}.*<- the blocking code" "the stack frame of the ${culprit} handler"
+    done
+fi
 expect '^summary: [0-9]+ stalls' "the summary line"
 exit "$fail"

@@ -80,9 +80,10 @@ fn current_thread(looplag: &LoopLag) -> tokio::runtime::Runtime {
     builder.build().expect("runtime")
 }
 
-/// Waits for the first ended stall report.
+/// Waits for the first ended stall report (which waits for the stack's symbols: the first
+/// symbolization of a debug build loads its debug info, seconds on a loaded machine).
 fn ended_report(reports: &mpsc::Receiver<StallReport>) -> StallReport {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match reports.recv_timeout(left) {
             Ok(report) if report.state == StallState::Ended => return report,
@@ -90,7 +91,7 @@ fn ended_report(reports: &mpsc::Receiver<StallReport>) -> StallReport {
             Err(_) => break,
         }
     }
-    panic!("no ended stall report within 10 s");
+    panic!("no ended stall report within 20 s");
 }
 
 /// `/block?ms=300` while three `/fast?ms=800` requests are in flight, on a current-thread
@@ -179,6 +180,9 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
         stall.attr("thread.id").and_then(|a| a.int()).is_some(),
         "thread.id is an Int: {stall:#?}"
     );
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        check_diagnosis(stall, "app::block");
+    }
     let duration = stall.duration();
     assert!(
         duration >= Duration::from_millis(300)
@@ -311,6 +315,41 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
     );
 }
 
+/// The stall diagnosis (Linux) crossed the collector intact: the kind, the system call, and
+/// the multi-line `code.stacktrace`, whose frames include `culprit`.
+fn check_diagnosis(stall: &Span, culprit: &str) {
+    assert_eq!(
+        stall.attr("tokio.eventloop.stall.kind").map(|a| a.text()),
+        Some("blocked"),
+        "a sleeping thread is blocked: {stall:#?}"
+    );
+    assert_eq!(
+        stall
+            .attr("tokio.eventloop.stall.syscall")
+            .map(|a| a.text()),
+        Some("clock_nanosleep")
+    );
+    let stack = stall
+        .attr("code.stacktrace")
+        .map(|a| a.text())
+        .unwrap_or_else(|| panic!("code.stacktrace on the stall span: {stall:#?}"));
+    let frames: Vec<&str> = stack.lines().collect();
+    assert!(
+        frames.len() >= 5 && frames[0].trim_start().starts_with("0: "),
+        "the whole stack, one frame per line: {stack}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|frame| frame.contains("std::thread") && frame.contains("sleep")),
+        "the stack shows std::thread::sleep: {stack}"
+    );
+    assert!(
+        frames.iter().any(|frame| frame.contains(culprit)),
+        "the stack names {culprit}: {stack}"
+    );
+}
+
 #[test]
 fn grpc_export_reaches_the_collector_with_stall_span_victims_and_histograms() {
     block_while_fast_requests_wait(Protocol::Grpc);
@@ -430,6 +469,9 @@ fn three_second_stall_reaches_the_collector_while_it_is_still_going_on() {
         stall.parent_id, job.span_id,
         "the stall span is a child of slow_job"
     );
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        check_diagnosis(stall, "three_second_stall_reaches_the_collector");
+    }
     let duration = stall.duration();
     assert!(
         duration >= STALL && duration <= STALL + TOLERANCE,
