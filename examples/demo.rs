@@ -280,14 +280,15 @@ fn main() {
         let _ = stop_server.send(());
     }
 
-    // Stop in order: the server, the printer, the watchdog, then flush telemetry while the
-    // exporters' runtime still runs.
+    // Stop in order: the server; the watchdog (its thread ends every open stall and reports
+    // it before it exits); the printer, once it printed every report; then flush telemetry
+    // while the exporters' runtime still runs.
     let runtime = server.join().expect("server thread");
+    drop(watchdog);
     done.store(true, Ordering::Release);
     let summary = printer.join().expect("printer thread");
-    drop(watchdog);
-    telemetry.flush();
     println!("{summary}");
+    telemetry.flush();
     if otlp.is_some() {
         println!(
             "spans and metrics were sent over OTLP: open Jaeger (http://127.0.0.1:16686, \
