@@ -1,10 +1,10 @@
 //! looplag demo: an axum server that blocks its own runtime on purpose, watched by looplag.
 //!
 //! ```sh
-//! cargo run --release --example demo                 # a 15 s story in the terminal, no collector needed
-//! cargo run --release --example demo -- --loop       # play the story again every 15 s until Ctrl-C
-//! cargo run --release --example demo -- --serve      # keep serving on 127.0.0.1:8080 for your own traffic
-//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 cargo run --release --example demo   # also ship OTLP
+//! cargo run --example demo                 # a 15 s story in the terminal, no collector needed
+//! cargo run --example demo -- --loop       # play the story again every 15 s until Ctrl-C
+//! cargo run --example demo -- --serve      # keep serving on 127.0.0.1:8080 for your own traffic
+//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 cargo run --example demo   # also ship OTLP
 //! ```
 //!
 //! Routes: `/fast?ms=` (awaits, never blocks), `/block?ms=` (`std::thread::sleep` in the
