@@ -12,6 +12,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+step "rotel collector for the end-to-end tests (PyPI rotel, pinned in scripts/rotel.sh)"
+# The e2e tests (tests/e2e_collector.rs) start this binary on loopback; without it they fail,
+# so a failed install stops the run here with rotel.sh's message.
+if ! LOOPLAG_ROTEL_BIN="$(./scripts/rotel.sh install)"; then
+    echo "error: could not install the rotel collector (scripts/rotel.sh install)" >&2
+    exit 1
+fi
+export LOOPLAG_ROTEL_BIN
+./scripts/rotel.sh version
+
 step "collector config, alert rules and dashboard match the crate's telemetry names"
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet pyyaml
 PROMTOOL="$(./scripts/promtool.sh)" python3 scripts/check_collector_config.py --require-promtool
@@ -29,6 +39,10 @@ cargo test --doc --quiet
 
 step "stacks in a release build (debug = \"line-tables-only\") still name the culprit"
 cargo nextest run --release --no-fail-fast --test stacks
+
+step "the demo, as a newcomer runs it (cargo run --example demo: 15 s, drives its own traffic)"
+cargo build --quiet --example demo
+./scripts/check_demo.sh target/debug/examples/demo
 
 step "tests, --cfg tokio_unstable build"
 RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" \
