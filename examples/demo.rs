@@ -146,11 +146,12 @@ fn main() {
 
     let log_filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    // looplag's layer goes before tracing-opentelemetry's (see `LoopLagLayer`).
     tracing_subscriber::registry()
+        .with(looplag.layer())
         .with(telemetry::otel_layer(
             telemetry.tracer_provider.tracer("looplag-demo"),
         ))
-        .with(looplag.layer())
         .with(tracing_subscriber::fmt::layer().with_filter(log_filter))
         .init();
 

@@ -82,13 +82,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_target("reqwest", LevelFilter::OFF)
         .with_target("opentelemetry_sdk", LevelFilter::OFF)
         .with_target("opentelemetry_otlp", LevelFilter::OFF);
+    // looplag's layer goes before tracing-opentelemetry's (see `LoopLagLayer`).
     tracing_subscriber::registry()
+        .with(looplag.layer())
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer_provider.tracer("minimal"))
                 .with_filter(not_the_exporter),
         )
-        .with(looplag.layer())
         .with(tracing_subscriber::fmt::layer().with_filter(LevelFilter::WARN))
         .init();
 

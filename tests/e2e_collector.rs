@@ -55,10 +55,10 @@ fn app(service: &str, target: OtlpTarget, metric_interval: Duration) -> App {
         .build()
         .expect("valid looplag settings");
     tracing_subscriber::registry()
+        .with(looplag.layer())
         .with(support::telemetry::otel_layer(
             telemetry.tracer_provider.tracer("e2e"),
         ))
-        .with(looplag.layer())
         .with(
             tracing_subscriber::fmt::layer()
                 .with_test_writer()
