@@ -1,0 +1,272 @@
+//! Server overhead: an axum server with tower-http's `TraceLayer` and `tracing-opentelemetry`
+//! (batch span processor into an in-process counting exporter), loaded on loopback by a
+//! hyper client at fixed concurrency, with looplag (layer + hooked runtime + watchdog) and
+//! without, alternated in one run.
+//!
+//! Every run is a child process of this binary (a fresh global subscriber each time); the
+//! parent runs the variants in ABBA order, round after round, so slow drift on a shared
+//! machine falls evenly on both, and reports medians and the median of per-round ratios.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
+};
+use support::*;
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Connections the load generator keeps open, each sending requests one after another.
+const CONCURRENCY: usize = 32;
+
+/// A span exporter that only counts: the cost of the OpenTelemetry pipeline up to the wire.
+#[derive(Debug, Clone, Default)]
+struct CountingExporter(Arc<AtomicU64>);
+
+impl SpanExporter for CountingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+struct RunResult {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    spans_per_request: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let with_looplag = args.get(i + 1).map(String::as_str) == Some("looplag");
+        let requests: usize = args[i + 2].parse().expect("request count");
+        child(with_looplag, requests);
+        return;
+    }
+    let rounds = pick(6, 2);
+    let requests = pick(40_000, 8_000);
+    header("Server overhead: axum + TraceLayer + tracing-opentelemetry, with vs without looplag");
+    println!(
+        "{rounds} rounds, each running both variants in a fresh process (order ABBA…); {requests} \
+         requests per run after 2000 warm-up requests, {CONCURRENCY} keep-alive connections, \
+         server: multi-thread runtime with 2 workers; client: current-thread runtime on its \
+         own thread, same process."
+    );
+    println!();
+    let exe = std::env::current_exe().expect("own path");
+    let run = |variant: &str| -> RunResult {
+        let out = Command::new(&exe)
+            .args(["--child", variant, &requests.to_string()])
+            .output()
+            .expect("run child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "child failed: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        RunResult {
+            rps: v[0],
+            p50_us: v[1],
+            p99_us: v[2],
+            spans_per_request: v[3],
+        }
+    };
+    println!("| round | without: req/s | with: req/s | ratio | without: p99 (µs) | with: p99 (µs) | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut all = (Vec::new(), Vec::new());
+    let (mut rps_ratios, mut p99_ratios) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (without, with) = if round % 2 == 0 {
+            let a = run("plain");
+            (a, run("looplag"))
+        } else {
+            let b = run("looplag");
+            (run("plain"), b)
+        };
+        let rps_ratio = with.rps / without.rps;
+        let p99_ratio = with.p99_us / without.p99_us;
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} |",
+            round + 1,
+            without.rps,
+            with.rps,
+            rps_ratio,
+            without.p99_us,
+            with.p99_us,
+            p99_ratio
+        );
+        rps_ratios.push(rps_ratio);
+        p99_ratios.push(p99_ratio);
+        all.0.push(without);
+        all.1.push(with);
+    }
+    let med = |runs: &[RunResult], f: fn(&RunResult) -> f64| {
+        median(&mut runs.iter().map(f).collect::<Vec<_>>())
+    };
+    println!();
+    println!("| | without looplag | with looplag | with / without |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| requests/s (median) | {:.0} | {:.0} | {:.3} (median of per-round ratios; min {:.3}, max {:.3}) |",
+        med(&all.0, |r| r.rps),
+        med(&all.1, |r| r.rps),
+        median(&mut rps_ratios.clone()),
+        rps_ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+        rps_ratios.iter().cloned().fold(0.0, f64::max),
+    );
+    println!(
+        "| p50 latency, µs (median) | {:.0} | {:.0} | {:.3} |",
+        med(&all.0, |r| r.p50_us),
+        med(&all.1, |r| r.p50_us),
+        med(&all.1, |r| r.p50_us) / med(&all.0, |r| r.p50_us),
+    );
+    println!(
+        "| p99 latency, µs (median) | {:.0} | {:.0} | {:.3} (median of per-round ratios) |",
+        med(&all.0, |r| r.p99_us),
+        med(&all.1, |r| r.p99_us),
+        median(&mut p99_ratios),
+    );
+    println!(
+        "| spans exported per request | {:.2} | {:.2} | |",
+        med(&all.0, |r| r.spans_per_request),
+        med(&all.1, |r| r.spans_per_request),
+    );
+    footer();
+}
+
+/// One run: server + load generator in this process; prints `RESULT rps p50 p99 spans/req`.
+fn child(with_looplag: bool, requests: usize) {
+    let exported = CountingExporter::default();
+    let processor = BatchSpanProcessor::builder(exported.clone())
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(1 << 16)
+                .with_max_export_batch_size(512)
+                .with_scheduled_delay(Duration::from_millis(100))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("server"));
+
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    let (server_runtime, _watchdog) = if with_looplag {
+        let looplag = looplag::LoopLag::builder()
+            .tracer(provider.tracer("looplag"))
+            .build()
+            .expect("looplag");
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(looplag.layer())
+            .init();
+        looplag.hook_runtime(&mut builder);
+        let runtime = builder.build().expect("runtime");
+        let watchdog = looplag.start(runtime.handle()).expect("start");
+        (runtime, Some(watchdog))
+    } else {
+        tracing_subscriber::registry().with(otel).init();
+        (builder.build().expect("runtime"), None)
+    };
+
+    let listener = server_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hello", axum::routing::get(hello))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    server_runtime.spawn(async move { axum::serve(listener, app).await });
+
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client.block_on(load(addr, 2000));
+    let before = exported.0.load(Ordering::Relaxed);
+    let _ = provider.force_flush();
+    let flushed_before = exported.0.load(Ordering::Relaxed).max(before);
+    let started = Instant::now();
+    let mut latencies = client.block_on(load(addr, requests));
+    let elapsed = started.elapsed();
+    let _ = provider.force_flush();
+    let spans = exported.0.load(Ordering::Relaxed) - flushed_before;
+    let rps = requests as f64 / elapsed.as_secs_f64();
+    let p50 = quantile(&mut latencies, 0.50);
+    let p99 = quantile(&mut latencies, 0.99);
+    println!(
+        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3}",
+        spans as f64 / requests as f64
+    );
+}
+
+async fn hello() -> &'static str {
+    // A typical handler: some work inside its own span.
+    async { std::hint::black_box("hello") }
+        .instrument(tracing::info_span!("handler"))
+        .await
+}
+
+/// Sends `requests` GETs over `CONCURRENCY` keep-alive connections; returns each request's
+/// latency in µs.
+async fn load(addr: SocketAddr, requests: usize) -> Vec<f64> {
+    let per_connection = requests / CONCURRENCY;
+    let extra = requests % CONCURRENCY;
+    let mut connections = Vec::new();
+    for i in 0..CONCURRENCY {
+        let count = per_connection + usize::from(i < extra);
+        connections.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(connection);
+            let mut latencies = Vec::with_capacity(count);
+            for _ in 0..count {
+                let request = hyper::Request::get("/hello")
+                    .header("host", "127.0.0.1")
+                    .body(Empty::<&'static [u8]>::new())
+                    .expect("request");
+                let sent = Instant::now();
+                let response = sender.send_request(request).await.expect("response");
+                assert!(response.status().is_success());
+                response.into_body().collect().await.expect("body");
+                latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::with_capacity(requests);
+    for connection in connections {
+        all.extend(connection.await.expect("connection task"));
+    }
+    all
+}
