@@ -1,7 +1,8 @@
 //! Hot path: what looplag adds to a span enter+exit, to the runtime's park/unpark, and
 //! (under `--cfg tokio_unstable`) to every task poll.
 //!
-//! Span enter+exit is measured with the `tracing_subscriber` registry alone and with the
+//! Span enter+exit is measured with the `tracing_subscriber` registry alone, with the
+//! registry plus a layer that does nothing (what layering itself costs), and with the
 //! registry plus looplag's layer, on the same thread, in alternating batches:
 //!
 //! - on a registered worker slot of a hooked current-thread runtime (inside `block_on`) and
@@ -11,7 +12,8 @@
 //!   and nested (a span entered inside another: no clock read);
 //! - on a plain thread, which has no slot.
 //!
-//! Every number is the median over many short batches (each batch is 100 000 operations);
+//! Every number is the median over many short batches (each batch is 10 000 operations, so
+//! that few batches include a preemption on a shared machine);
 //! "added" is the median of the per-round differences, so slow drift on a shared machine
 //! cancels out.
 
@@ -30,7 +32,7 @@ use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
-const BATCH: u64 = 100_000;
+const BATCH: u64 = 10_000;
 
 /// Nanoseconds per call of `f`, over `BATCH` calls.
 fn per_op(mut f: impl FnMut()) -> f64 {
@@ -54,6 +56,15 @@ fn boundary(dispatch: &Dispatch) -> f64 {
     })
 }
 
+/// Enter+exit at the base depth of the same span every time: looplag skips recording the
+/// poll-level span (it is the last one recorded), which isolates that part of the cost.
+fn boundary_same_span(dispatch: &Dispatch) -> f64 {
+    tracing::dispatcher::with_default(dispatch, || {
+        let a = tracing::info_span!("poll_a");
+        per_op(|| drop(black_box(a.enter())))
+    })
+}
+
 /// Enter+exit of a span inside an entered one: no poll boundary.
 fn nested(dispatch: &Dispatch) -> f64 {
     tracing::dispatcher::with_default(dispatch, || {
@@ -67,25 +78,29 @@ fn nested(dispatch: &Dispatch) -> f64 {
 #[derive(Default)]
 struct Samples {
     registry: Vec<f64>,
+    empty: Vec<f64>,
     looplag: Vec<f64>,
     added: Vec<f64>,
+    over_empty: Vec<f64>,
 }
 
 impl Samples {
-    fn push(&mut self, registry: f64, looplag: f64) {
+    fn push(&mut self, [registry, empty, looplag]: [f64; 3]) {
         self.registry.push(registry);
+        self.empty.push(empty);
         self.looplag.push(looplag);
         self.added.push(looplag - registry);
+        self.over_empty.push(looplag - empty);
     }
 
     fn row(&mut self, what: &str) -> Row {
-        let registry = median(&mut self.registry);
-        let looplag = median(&mut self.looplag);
         Row {
             what: what.to_string(),
-            registry,
-            looplag,
+            registry: median(&mut self.registry),
+            empty: median(&mut self.empty),
+            looplag: median(&mut self.looplag),
             added: median(&mut self.added),
+            over_empty: median(&mut self.over_empty),
         }
     }
 }
@@ -93,40 +108,56 @@ impl Samples {
 struct Row {
     what: String,
     registry: f64,
+    empty: f64,
     looplag: f64,
     added: f64,
+    over_empty: f64,
 }
 
-/// Alternating batches of boundary and nested enter+exit, registry alone vs with looplag.
-fn measure_spans(rounds: usize, plain: &Dispatch, with_looplag: &Dispatch) -> (Samples, Samples) {
+/// The three subscribers compared: the registry alone, the registry with a layer that does
+/// nothing (the cost of any layer), and the registry with looplag's layer.
+struct Subscribers {
+    registry: Dispatch,
+    empty_layer: Dispatch,
+    looplag: Dispatch,
+}
+
+/// A layer with no hooks: what `tracing-subscriber` charges for layering itself.
+struct EmptyLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EmptyLayer {}
+
+/// One batch of `measure` under each subscriber, in an order that rotates with `round`.
+fn three(round: usize, subscribers: &Subscribers, measure: fn(&Dispatch) -> f64) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    let all = [
+        &subscribers.registry,
+        &subscribers.empty_layer,
+        &subscribers.looplag,
+    ];
+    for k in 0..3 {
+        let i = (round + k) % 3;
+        out[i] = measure(all[i]);
+    }
+    out
+}
+
+/// Rounds of boundary and nested enter+exit batches under the three subscribers.
+fn measure_spans(rounds: usize, subscribers: &Subscribers) -> (Samples, Samples, Samples) {
     let mut at_boundary = Samples::default();
+    let mut same_span = Samples::default();
     let mut inside = Samples::default();
     // Warm up caches, the allocator and the registry's slab.
-    for _ in 0..3 {
-        boundary(plain);
-        boundary(with_looplag);
-        nested(plain);
-        nested(with_looplag);
+    for round in 0..3 {
+        three(round, subscribers, boundary);
+        three(round, subscribers, nested);
     }
     for round in 0..rounds {
-        let (r, l) = if round % 2 == 0 {
-            let r = boundary(plain);
-            (r, boundary(with_looplag))
-        } else {
-            let l = boundary(with_looplag);
-            (boundary(plain), l)
-        };
-        at_boundary.push(r, l);
-        let (r, l) = if round % 2 == 0 {
-            let r = nested(plain);
-            (r, nested(with_looplag))
-        } else {
-            let l = nested(with_looplag);
-            (nested(plain), l)
-        };
-        inside.push(r, l);
+        at_boundary.push(three(round, subscribers, boundary));
+        same_span.push(three(round, subscribers, boundary_same_span));
+        inside.push(three(round, subscribers, nested));
     }
-    (at_boundary, inside)
+    (at_boundary, same_span, inside)
 }
 
 /// Runs a task that blocks inside a span for longer than the threshold and waits for its
@@ -169,25 +200,11 @@ fn looplag_instance(reports: &Arc<Mutex<Vec<StallReport>>>) -> LoopLag {
         .expect("looplag")
 }
 
-fn dispatches(looplag: &LoopLag) -> (Dispatch, Dispatch) {
-    (
-        Dispatch::new(tracing_subscriber::registry()),
-        Dispatch::new(tracing_subscriber::registry().with(looplag.layer())),
-    )
-}
-
-fn print_span_rows(rows: &[Row]) {
-    println!("| thread | enter+exit | registry alone (ns) | registry + looplag (ns) | added (ns) | ratio |");
-    println!("|---|---|---:|---:|---:|---:|");
-    for row in rows {
-        let (thread, kind) = row.what.split_once(" / ").unwrap_or((&row.what, ""));
-        println!(
-            "| {thread} | {kind} | {:.1} | {:.1} | {:+.1} | {:.2} |",
-            row.registry,
-            row.looplag,
-            row.added,
-            row.looplag / row.registry
-        );
+fn dispatches(looplag: &LoopLag) -> Subscribers {
+    Subscribers {
+        registry: Dispatch::new(tracing_subscriber::registry()),
+        empty_layer: Dispatch::new(tracing_subscriber::registry().with(EmptyLayer)),
+        looplag: Dispatch::new(tracing_subscriber::registry().with(looplag.layer())),
     }
 }
 
@@ -195,7 +212,7 @@ fn print_span_rows(rows: &[Row]) {
 fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
-    let (plain, with_looplag) = dispatches(&looplag);
+    let subscribers = dispatches(&looplag);
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
     looplag.hook_runtime(&mut builder);
@@ -206,14 +223,17 @@ fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
     let result = runtime.block_on(async {
         // Park once so that this thread registers its slot (the park hook does it).
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let (mut at_boundary, mut inside) = measure_spans(rounds, &plain, &with_looplag);
+        let (mut at_boundary, mut same_span, mut inside) = measure_spans(rounds, &subscribers);
         let park_cost = park_unpark(rounds, &park, &unpark);
         let registered = check_registered(&reports)
-            .with_subscriber(with_looplag.clone())
+            .with_subscriber(subscribers.looplag.clone())
             .await;
         (
             vec![
                 at_boundary.row("current-thread worker (in `block_on`) / poll boundary"),
+                same_span.row(
+                    "current-thread worker (in `block_on`) / poll boundary, same span each time",
+                ),
                 inside.row("current-thread worker (in `block_on`) / nested"),
             ],
             registered,
@@ -228,7 +248,7 @@ fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
 fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
-    let (plain, with_looplag) = dispatches(&looplag);
+    let subscribers = dispatches(&looplag);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(1).enable_all();
     looplag.hook_runtime(&mut builder);
@@ -236,13 +256,16 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let watchdog = looplag.start(runtime.handle()).expect("start");
     let result = runtime
         .block_on(runtime.spawn(async move {
-            let (mut at_boundary, mut inside) = measure_spans(rounds, &plain, &with_looplag);
+            let (mut at_boundary, mut same_span, mut inside) = measure_spans(rounds, &subscribers);
             let registered = check_registered(&reports)
-                .with_subscriber(with_looplag.clone())
+                .with_subscriber(subscribers.looplag.clone())
                 .await;
             (
                 vec![
                     at_boundary.row("multi-thread worker (in a task) / poll boundary"),
+                    same_span.row(
+                        "multi-thread worker (in a task) / poll boundary, same span each time",
+                    ),
                     inside.row("multi-thread worker (in a task) / nested"),
                 ],
                 registered,
@@ -257,9 +280,9 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
 fn plain_thread(rounds: usize) -> Vec<Row> {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
-    let (plain, with_looplag) = dispatches(&looplag);
+    let subscribers = dispatches(&looplag);
     std::thread::spawn(move || {
-        let (mut at_boundary, mut inside) = measure_spans(rounds, &plain, &with_looplag);
+        let (mut at_boundary, _, mut inside) = measure_spans(rounds, &subscribers);
         vec![
             at_boundary.row("plain thread (no slot) / outermost"),
             inside.row("plain thread (no slot) / nested"),
@@ -438,59 +461,167 @@ fn components(rounds: usize) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
-fn main() {
-    let rounds = pick(101, 21);
-    header("Hot path: span enter+exit, park/unpark, poll hooks");
-    println!(
-        "{rounds} rounds × {BATCH} operations per variant, variants alternated within each round; \
-         median ns per operation."
-    );
-    println!();
-
+/// One measuring process: prints tab-separated lines for the parent to aggregate.
+fn child(rounds: usize) {
     let (mut rows, current_registered, park) = current_thread_worker(rounds);
     let (multi_rows, multi_registered) = multi_thread_worker(rounds);
     rows.extend(multi_rows);
     rows.extend(plain_thread(rounds));
-    print_span_rows(&rows);
-    println!();
-    println!("- current-thread worker slot registered: {current_registered}");
-    println!("- multi-thread worker slot registered: {multi_registered}");
-
-    println!();
-    println!("| hook | cost (ns) |");
-    println!("|---|---:|");
+    for row in &rows {
+        let (thread, kind) = row.what.split_once(" / ").unwrap_or((&row.what, ""));
+        println!(
+            "SPAN\t{thread}\t{kind}\t{}\t{}\t{}\t{}\t{}",
+            row.registry, row.looplag, row.added, row.empty, row.over_empty
+        );
+    }
+    println!("NOTE\tcurrent-thread worker slot registered: {current_registered}");
+    println!("NOTE\tmulti-thread worker slot registered: {multi_registered}");
     println!(
-        "| looplag park hook + unpark hook (called back to back on the worker) | {:.1} |",
+        "HOOK\tlooplag park hook + unpark hook, called back to back on the worker\t{}",
         park.pair
     );
     let polls = poll_hooks(rounds);
     println!(
-        "| task poll, Notify ping-pong: unhooked runtime {:.1} ns/poll, hooked by looplag {:.1} ns/poll | {:+.1} per poll{} |",
-        polls.unhooked,
-        polls.looplag,
-        polls.looplag_added,
+        "HOOK\ttask poll on an unhooked runtime (Notify ping-pong)\t{}",
+        polls.unhooked
+    );
+    println!(
+        "HOOK\ttask poll on a runtime hooked by looplag\t{}",
+        polls.looplag
+    );
+    println!(
+        "HOOK\tadded per task poll by looplag's hooks{}\t{}",
         if cfg!(tokio_unstable) {
             " (poll hooks)"
         } else {
             " (stable: no poll hooks, expect ≈ 0)"
-        }
+        },
+        polls.looplag_added
     );
     if let (Some(empty), Some(empty_added)) = (polls.empty_hooks, polls.empty_added) {
+        println!("HOOK\ttask poll with two empty poll hooks\t{empty}");
         println!(
-            "| task poll with empty poll hooks (tokio's own cost of calling two hooks): {empty:.1} ns/poll | {empty_added:+.1} per poll |"
+            "HOOK\tadded per task poll by two empty poll hooks (tokio's own cost)\t{empty_added}"
         );
         println!(
-            "| looplag's poll hook bodies alone (difference of the two rows above) | {:+.1} per poll |",
+            "HOOK\tadded per task poll by looplag's hook bodies (difference of the two)\t{}",
             polls.looplag_added - empty_added
         );
     }
-    println!();
-    println!("What a poll boundary is made of (each measured alone, median ns):");
-    println!();
-    println!("| piece | ns |");
-    println!("|---|---:|");
     for (name, ns) in components(rounds) {
-        println!("| {name} | {ns:.1} |");
+        println!("PIECE\t{name}\t{ns}");
+    }
+}
+
+/// Values of one key across processes, in first-seen key order.
+#[derive(Default)]
+struct Collected {
+    order: Vec<String>,
+    values: std::collections::HashMap<String, Vec<Vec<f64>>>,
+    notes: Vec<String>,
+}
+
+impl Collected {
+    fn add(&mut self, key: String, values: Vec<f64>) {
+        if !self.values.contains_key(&key) {
+            self.order.push(key.clone());
+        }
+        self.values.entry(key).or_default().push(values);
+    }
+
+    /// Median across processes of value `i` of `key`, and its range.
+    fn stat(&self, key: &str, i: usize) -> (f64, f64, f64) {
+        let mut v: Vec<f64> = self.values[key].iter().map(|vals| vals[i]).collect();
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (median(&mut v), lo, hi)
+    }
+}
+
+fn main() {
+    let rounds = pick(1001, 201);
+    if std::env::args().any(|a| a == "--child") {
+        child(rounds);
+        return;
+    }
+    let processes = pick(7, 3);
+    header("Hot path: span enter+exit, park/unpark, poll hooks");
+    println!(
+        "{processes} processes × {rounds} rounds × {BATCH} operations per variant, variants \
+         alternated within each round. Per process: the median over rounds; shown: the median \
+         over processes, and for \"added\" the range over processes (code placement and the \
+         machine's load move these numbers by a few ns from one process to the next)."
+    );
+    println!();
+    let exe = std::env::current_exe().expect("own path");
+    let mut collected = Collected::default();
+    for _ in 0..processes {
+        let mut command = std::process::Command::new(&exe);
+        command.arg("--child");
+        if quick() {
+            command.arg("--quick");
+        }
+        let out = command.output().expect("run child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            panic!(
+                "child failed: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for line in stdout.lines() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            match fields[0] {
+                "SPAN" => collected.add(
+                    format!("SPAN\t{}\t{}", fields[1], fields[2]),
+                    fields[3..].iter().map(|v| v.parse().unwrap()).collect(),
+                ),
+                "HOOK" | "PIECE" => collected.add(
+                    format!("{}\t{}", fields[0], fields[1]),
+                    vec![fields[2].parse().unwrap()],
+                ),
+                "NOTE" => collected.notes.push(fields[1].to_string()),
+                _ => {}
+            }
+        }
+    }
+    println!("| thread | enter+exit | registry alone (ns) | registry + looplag (ns) | added (ns) | added, range over processes | ratio | registry + empty layer (ns) | looplag over the empty layer (ns) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for key in collected.order.iter().filter(|k| k.starts_with("SPAN")) {
+        let mut parts = key.split('\t').skip(1);
+        let (thread, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        let (registry, _, _) = collected.stat(key, 0);
+        let (looplag, _, _) = collected.stat(key, 1);
+        let (added, lo, hi) = collected.stat(key, 2);
+        let (empty, _, _) = collected.stat(key, 3);
+        let (over_empty, _, _) = collected.stat(key, 4);
+        println!(
+            "| {thread} | {kind} | {registry:.1} | {looplag:.1} | {added:+.1} | {lo:+.1} … {hi:+.1} | {:.2} | {empty:.1} | {over_empty:+.1} |",
+            looplag / registry
+        );
+    }
+    println!();
+    let mut notes = collected.notes.clone();
+    notes.sort();
+    notes.dedup();
+    for note in notes {
+        println!("- {note}");
+    }
+    println!();
+    println!("| hook | ns (median over processes) | range |");
+    println!("|---|---:|---:|");
+    for key in collected.order.iter().filter(|k| k.starts_with("HOOK")) {
+        let (v, lo, hi) = collected.stat(key, 0);
+        println!("| {} | {v:.1} | {lo:.1} … {hi:.1} |", &key[5..]);
+    }
+    println!();
+    println!("What a poll boundary is made of (each piece measured alone in a loop):");
+    println!();
+    println!("| piece | ns (median over processes) |");
+    println!("|---|---:|");
+    for key in collected.order.iter().filter(|k| k.starts_with("PIECE")) {
+        let (v, _, _) = collected.stat(key, 0);
+        println!("| {} | {v:.1} |", &key[6..]);
     }
     footer();
 }

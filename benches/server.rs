@@ -57,8 +57,8 @@ fn main() {
         child(with_looplag, requests);
         return;
     }
-    let rounds = pick(6, 2);
-    let requests = pick(40_000, 8_000);
+    let rounds = pick(10, 2);
+    let requests = pick(50_000, 8_000);
     header("Server overhead: axum + TraceLayer + tracing-opentelemetry, with vs without looplag");
     println!(
         "{rounds} rounds, each running both variants in a fresh process (order ABBA…); {requests} \
