@@ -4,8 +4,10 @@
 //! without, alternated in one run.
 //!
 //! Every run is a child process of this binary (a fresh global subscriber each time); the
-//! parent runs the variants in ABBA order, round after round, so slow drift on a shared
-//! machine falls evenly on both, and reports medians and the median of per-round ratios.
+//! parent runs the variants in an order that rotates from round to round, so slow drift on
+//! a shared machine falls evenly on all, and reports medians and the median of per-round
+//! ratios. Besides requests/s and p99, it reports the process's CPU time per request,
+//! which a busy neighbour on a shared machine disturbs less than throughput.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -47,30 +49,76 @@ struct RunResult {
     p50_us: f64,
     p99_us: f64,
     spans_per_request: f64,
+    cpu_us_per_request: f64,
+}
+
+/// What the server runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// tracing-opentelemetry only.
+    Without,
+    /// looplag's layer added, runtime not hooked, no watchdog: the layer's own cost.
+    LayerOnly,
+    /// looplag as documented: layer, hooked runtime, watchdog.
+    Looplag,
+}
+
+impl Variant {
+    fn arg(self) -> &'static str {
+        match self {
+            Variant::Without => "without",
+            Variant::LayerOnly => "layer-only",
+            Variant::Looplag => "looplag",
+        }
+    }
+    fn parse(arg: &str) -> Self {
+        match arg {
+            "layer-only" => Variant::LayerOnly,
+            "looplag" => Variant::Looplag,
+            _ => Variant::Without,
+        }
+    }
+}
+
+/// CPU time of the whole process (user + system), in µs.
+fn process_cpu_us() -> f64 {
+    // SAFETY: `getrusage` fills the struct we pass; a zeroed `rusage` is a valid value.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
-        let with_looplag = args.get(i + 1).map(String::as_str) == Some("looplag");
+        let variant = Variant::parse(&args[i + 1]);
         let requests: usize = args[i + 2].parse().expect("request count");
-        child(with_looplag, requests);
+        child(variant, requests);
         return;
     }
     let rounds = pick(10, 2);
     let requests = pick(50_000, 8_000);
     header("Server overhead: axum + TraceLayer + tracing-opentelemetry, with vs without looplag");
     println!(
-        "{rounds} rounds, each running both variants in a fresh process (order ABBA…); {requests} \
-         requests per run after 2000 warm-up requests, {CONCURRENCY} keep-alive connections, \
-         server: multi-thread runtime with 2 workers; client: current-thread runtime on its \
-         own thread, same process."
+        "{rounds} rounds; each round runs every variant once, each in a fresh process, in an \
+         order that rotates from round to round; {requests} requests per run after 2000 warm-up \
+         requests, {CONCURRENCY} keep-alive connections. Server: multi-thread runtime with 2 \
+         workers; client: current-thread runtime on its own thread in the same process; spans \
+         go through a batch span processor (its own thread) into a counting exporter. CPU per \
+         request is the whole process's user + system time (server, client and exporter) over \
+         the measured requests. Variants: without = tracing-opentelemetry only; layer only = \
+         plus looplag's layer, runtime not hooked, no watchdog; looplag = layer + hooked \
+         runtime + watchdog (10 ms), as documented."
     );
     println!();
     let exe = std::env::current_exe().expect("own path");
-    let run = |variant: &str| -> RunResult {
+    let run = |variant: Variant| -> RunResult {
         let out = Command::new(&exe)
-            .args(["--child", variant, &requests.to_string()])
+            .args(["--child", variant.arg(), &requests.to_string()])
             .output()
             .expect("run child");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -93,73 +141,97 @@ fn main() {
             p50_us: v[1],
             p99_us: v[2],
             spans_per_request: v[3],
+            cpu_us_per_request: v[4],
         }
     };
-    println!("| round | without: req/s | with: req/s | ratio | without: p99 (µs) | with: p99 (µs) | ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut all = (Vec::new(), Vec::new());
-    let (mut rps_ratios, mut p99_ratios) = (Vec::new(), Vec::new());
+    let variants = [Variant::Without, Variant::LayerOnly, Variant::Looplag];
+    println!("| round | without: req/s | looplag: req/s | ratio | without: p99 (µs) | looplag: p99 (µs) | ratio | CPU µs/req: without | layer only | looplag |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut results: Vec<Vec<RunResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut ratios: [Vec<f64>; 5] = Default::default();
     for round in 0..rounds {
-        let (without, with) = if round % 2 == 0 {
-            let a = run("plain");
-            (a, run("looplag"))
-        } else {
-            let b = run("looplag");
-            (run("plain"), b)
-        };
-        let rps_ratio = with.rps / without.rps;
-        let p99_ratio = with.p99_us / without.p99_us;
+        let mut this: Vec<Option<RunResult>> = vec![None, None, None];
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            this[i] = Some(run(variants[i]));
+        }
+        let [without, layer, with] = [0, 1, 2].map(|i| this[i].take().expect("ran"));
         println!(
-            "| {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} |",
+            "| {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} |",
             round + 1,
             without.rps,
             with.rps,
-            rps_ratio,
+            with.rps / without.rps,
             without.p99_us,
             with.p99_us,
-            p99_ratio
+            with.p99_us / without.p99_us,
+            without.cpu_us_per_request,
+            layer.cpu_us_per_request,
+            with.cpu_us_per_request,
         );
-        rps_ratios.push(rps_ratio);
-        p99_ratios.push(p99_ratio);
-        all.0.push(without);
-        all.1.push(with);
+        ratios[0].push(with.rps / without.rps);
+        ratios[1].push(with.p99_us / without.p99_us);
+        ratios[2].push(with.cpu_us_per_request / without.cpu_us_per_request);
+        ratios[3].push(layer.cpu_us_per_request / without.cpu_us_per_request);
+        ratios[4].push(layer.rps / without.rps);
+        results[0].push(without);
+        results[1].push(layer);
+        results[2].push(with);
     }
     let med = |runs: &[RunResult], f: fn(&RunResult) -> f64| {
         median(&mut runs.iter().map(f).collect::<Vec<_>>())
     };
+    let range = |v: &[f64]| {
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3} … {hi:.3}")
+    };
     println!();
-    println!("| | without looplag | with looplag | with / without |");
-    println!("|---|---:|---:|---:|");
+    println!("| | without looplag | looplag layer only | looplag | looplag / without: median of per-round ratios | range of per-round ratios |");
+    println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| requests/s (median) | {:.0} | {:.0} | {:.3} (median of per-round ratios; min {:.3}, max {:.3}) |",
-        med(&all.0, |r| r.rps),
-        med(&all.1, |r| r.rps),
-        median(&mut rps_ratios.clone()),
-        rps_ratios.iter().cloned().fold(f64::INFINITY, f64::min),
-        rps_ratios.iter().cloned().fold(0.0, f64::max),
+        "| requests/s (median) | {:.0} | {:.0} | {:.0} | {:.3} | {} |",
+        med(&results[0], |r| r.rps),
+        med(&results[1], |r| r.rps),
+        med(&results[2], |r| r.rps),
+        median(&mut ratios[0].clone()),
+        range(&ratios[0]),
     );
     println!(
-        "| p50 latency, µs (median) | {:.0} | {:.0} | {:.3} |",
-        med(&all.0, |r| r.p50_us),
-        med(&all.1, |r| r.p50_us),
-        med(&all.1, |r| r.p50_us) / med(&all.0, |r| r.p50_us),
+        "| p50 latency, µs (median) | {:.0} | {:.0} | {:.0} | | |",
+        med(&results[0], |r| r.p50_us),
+        med(&results[1], |r| r.p50_us),
+        med(&results[2], |r| r.p50_us),
     );
     println!(
-        "| p99 latency, µs (median) | {:.0} | {:.0} | {:.3} (median of per-round ratios) |",
-        med(&all.0, |r| r.p99_us),
-        med(&all.1, |r| r.p99_us),
-        median(&mut p99_ratios),
+        "| p99 latency, µs (median) | {:.0} | {:.0} | {:.0} | {:.3} | {} |",
+        med(&results[0], |r| r.p99_us),
+        med(&results[1], |r| r.p99_us),
+        med(&results[2], |r| r.p99_us),
+        median(&mut ratios[1].clone()),
+        range(&ratios[1]),
     );
     println!(
-        "| spans exported per request | {:.2} | {:.2} | |",
-        med(&all.0, |r| r.spans_per_request),
-        med(&all.1, |r| r.spans_per_request),
+        "| process CPU per request, µs (median) | {:.2} | {:.2} | {:.2} | {:.3} (layer only: {:.3}) | {} |",
+        med(&results[0], |r| r.cpu_us_per_request),
+        med(&results[1], |r| r.cpu_us_per_request),
+        med(&results[2], |r| r.cpu_us_per_request),
+        median(&mut ratios[2].clone()),
+        median(&mut ratios[3].clone()),
+        range(&ratios[2]),
+    );
+    println!(
+        "| spans exported per request | {:.2} | {:.2} | {:.2} | | |",
+        med(&results[0], |r| r.spans_per_request),
+        med(&results[1], |r| r.spans_per_request),
+        med(&results[2], |r| r.spans_per_request),
     );
     footer();
 }
 
-/// One run: server + load generator in this process; prints `RESULT rps p50 p99 spans/req`.
-fn child(with_looplag: bool, requests: usize) {
+/// One run: server + load generator in this process; prints
+/// `RESULT rps p50 p99 spans/req cpu-µs/req`.
+fn child(variant: Variant, requests: usize) {
     let exported = CountingExporter::default();
     let processor = BatchSpanProcessor::builder(exported.clone())
         .with_batch_config(
@@ -177,7 +249,7 @@ fn child(with_looplag: bool, requests: usize) {
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
-    let (server_runtime, _watchdog) = if with_looplag {
+    let (server_runtime, _watchdog) = if variant == Variant::Looplag {
         let looplag = looplag::LoopLag::builder()
             .tracer(provider.tracer("looplag"))
             .build()
@@ -190,6 +262,16 @@ fn child(with_looplag: bool, requests: usize) {
         let runtime = builder.build().expect("runtime");
         let watchdog = looplag.start(runtime.handle()).expect("start");
         (runtime, Some(watchdog))
+    } else if variant == Variant::LayerOnly {
+        let looplag = looplag::LoopLag::builder()
+            .tracer(provider.tracer("looplag"))
+            .build()
+            .expect("looplag");
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(looplag.layer())
+            .init();
+        (builder.build().expect("runtime"), None)
     } else {
         tracing_subscriber::registry().with(otel).init();
         (builder.build().expect("runtime"), None)
@@ -212,16 +294,18 @@ fn child(with_looplag: bool, requests: usize) {
     let before = exported.0.load(Ordering::Relaxed);
     let _ = provider.force_flush();
     let flushed_before = exported.0.load(Ordering::Relaxed).max(before);
+    let cpu_before = process_cpu_us();
     let started = Instant::now();
     let mut latencies = client.block_on(load(addr, requests));
     let elapsed = started.elapsed();
+    let cpu_per_request = (process_cpu_us() - cpu_before) / requests as f64;
     let _ = provider.force_flush();
     let spans = exported.0.load(Ordering::Relaxed) - flushed_before;
     let rps = requests as f64 / elapsed.as_secs_f64();
     let p50 = quantile(&mut latencies, 0.50);
     let p99 = quantile(&mut latencies, 0.99);
     println!(
-        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3}",
+        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3} {cpu_per_request:.3}",
         spans as f64 / requests as f64
     );
 }
