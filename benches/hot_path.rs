@@ -65,6 +65,21 @@ fn boundary_same_span(dispatch: &Dispatch) -> f64 {
     })
 }
 
+/// Creating and closing a root span (no parent): looplag tracks it as a possible victim.
+fn new_root(dispatch: &Dispatch) -> f64 {
+    tracing::dispatcher::with_default(dispatch, || {
+        per_op(|| drop(black_box(tracing::info_span!("request"))))
+    })
+}
+
+/// Creating and closing a child span: looplag only checks that it is not a root.
+fn new_child(dispatch: &Dispatch) -> f64 {
+    tracing::dispatcher::with_default(dispatch, || {
+        let parent = tracing::info_span!("parent");
+        per_op(|| drop(black_box(tracing::info_span!(parent: &parent, "child"))))
+    })
+}
+
 /// Enter+exit of a span inside an entered one: no poll boundary.
 fn nested(dispatch: &Dispatch) -> f64 {
     tracing::dispatcher::with_default(dispatch, || {
@@ -128,7 +143,7 @@ struct EmptyLayer;
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EmptyLayer {}
 
 /// One batch of `measure` under each subscriber, in an order that rotates with `round`.
-fn three(round: usize, subscribers: &Subscribers, measure: fn(&Dispatch) -> f64) -> [f64; 3] {
+fn three(round: usize, subscribers: &Subscribers, measure: Measure) -> [f64; 3] {
     let mut out = [0.0; 3];
     let all = [
         &subscribers.registry,
@@ -142,22 +157,40 @@ fn three(round: usize, subscribers: &Subscribers, measure: fn(&Dispatch) -> f64)
     out
 }
 
-/// Rounds of boundary and nested enter+exit batches under the three subscribers.
-fn measure_spans(rounds: usize, subscribers: &Subscribers) -> (Samples, Samples, Samples) {
-    let mut at_boundary = Samples::default();
-    let mut same_span = Samples::default();
-    let mut inside = Samples::default();
+/// Measures one operation under a subscriber: ns per operation.
+type Measure = fn(&Dispatch) -> f64;
+
+/// The span operations measured, with the label of their row.
+const OPERATIONS: [(&str, Measure); 5] = [
+    ("enter+exit, poll boundary", boundary),
+    (
+        "enter+exit, poll boundary, same span each time",
+        boundary_same_span,
+    ),
+    ("enter+exit, nested", nested),
+    ("new root span + close", new_root),
+    ("new child span + close", new_child),
+];
+
+/// Rounds of batches of every operation under the three subscribers.
+fn measure_spans(rounds: usize, subscribers: &Subscribers, thread: &str) -> Vec<Row> {
+    let mut samples: Vec<Samples> = OPERATIONS.iter().map(|_| Samples::default()).collect();
     // Warm up caches, the allocator and the registry's slab.
     for round in 0..3 {
-        three(round, subscribers, boundary);
-        three(round, subscribers, nested);
+        for (_, operation) in OPERATIONS {
+            three(round, subscribers, operation);
+        }
     }
     for round in 0..rounds {
-        at_boundary.push(three(round, subscribers, boundary));
-        same_span.push(three(round, subscribers, boundary_same_span));
-        inside.push(three(round, subscribers, nested));
+        for (i, (_, operation)) in OPERATIONS.iter().enumerate() {
+            samples[i].push(three(round, subscribers, *operation));
+        }
     }
-    (at_boundary, same_span, inside)
+    samples
+        .iter_mut()
+        .zip(OPERATIONS)
+        .map(|(samples, (label, _))| samples.row(&format!("{thread} / {label}")))
+        .collect()
 }
 
 /// Runs a task that blocks inside a span for longer than the threshold and waits for its
@@ -223,22 +256,16 @@ fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
     let result = runtime.block_on(async {
         // Park once so that this thread registers its slot (the park hook does it).
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let (mut at_boundary, mut same_span, mut inside) = measure_spans(rounds, &subscribers);
+        let rows = measure_spans(
+            rounds,
+            &subscribers,
+            "current-thread worker (in `block_on`)",
+        );
         let park_cost = park_unpark(rounds, &park, &unpark);
         let registered = check_registered(&reports)
             .with_subscriber(subscribers.looplag.clone())
             .await;
-        (
-            vec![
-                at_boundary.row("current-thread worker (in `block_on`) / poll boundary"),
-                same_span.row(
-                    "current-thread worker (in `block_on`) / poll boundary, same span each time",
-                ),
-                inside.row("current-thread worker (in `block_on`) / nested"),
-            ],
-            registered,
-            park_cost,
-        )
+        (rows, registered, park_cost)
     });
     drop(watchdog);
     result
@@ -256,20 +283,11 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let watchdog = looplag.start(runtime.handle()).expect("start");
     let result = runtime
         .block_on(runtime.spawn(async move {
-            let (mut at_boundary, mut same_span, mut inside) = measure_spans(rounds, &subscribers);
+            let rows = measure_spans(rounds, &subscribers, "multi-thread worker (in a task)");
             let registered = check_registered(&reports)
                 .with_subscriber(subscribers.looplag.clone())
                 .await;
-            (
-                vec![
-                    at_boundary.row("multi-thread worker (in a task) / poll boundary"),
-                    same_span.row(
-                        "multi-thread worker (in a task) / poll boundary, same span each time",
-                    ),
-                    inside.row("multi-thread worker (in a task) / nested"),
-                ],
-                registered,
-            )
+            (rows, registered)
         }))
         .expect("measuring task");
     drop(watchdog);
@@ -281,15 +299,9 @@ fn plain_thread(rounds: usize) -> Vec<Row> {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
     let subscribers = dispatches(&looplag);
-    std::thread::spawn(move || {
-        let (mut at_boundary, _, mut inside) = measure_spans(rounds, &subscribers);
-        vec![
-            at_boundary.row("plain thread (no slot) / outermost"),
-            inside.row("plain thread (no slot) / nested"),
-        ]
-    })
-    .join()
-    .expect("plain thread")
+    std::thread::spawn(move || measure_spans(rounds, &subscribers, "plain thread (no slot)"))
+        .join()
+        .expect("plain thread")
 }
 
 struct ParkCost {
