@@ -74,7 +74,7 @@ impl Variant {
     fn parse(arg: &str) -> Self {
         match arg {
             "layer-only" => Variant::LayerOnly,
-            "looplag" => Variant::Looplag,
+            "looplag" | "count" => Variant::Looplag,
             _ => Variant::Without,
         }
     }
@@ -97,10 +97,22 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let variant = Variant::parse(&args[i + 1]);
         let requests: usize = args[i + 2].parse().expect("request count");
-        child(variant, requests);
+        let counter = (args[i + 1] == "count").then(SpanCounter::default);
+        child(variant, requests, counter);
         return;
     }
     let rounds = pick(10, 2);
+    let exe = std::env::current_exe().expect("own path");
+    let counts = {
+        let out = Command::new(&exe)
+            .args(["--child", "count", "5000"])
+            .output()
+            .expect("run counting child");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("COUNT ").map(str::to_string))
+            .unwrap_or_default()
+    };
     let requests = pick(50_000, 8_000);
     header("Server overhead: axum + TraceLayer + tracing-opentelemetry, with vs without looplag");
     println!(
@@ -115,7 +127,19 @@ fn main() {
          runtime + watchdog (10 ms), as documented."
     );
     println!();
-    let exe = std::env::current_exe().expect("own path");
+    let c: Vec<f64> = counts
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if let [roots, children, outermost, nested, ..] = c[..] {
+        println!(
+            "What looplag's hooks see per request (counted by an extra layer in a separate \
+             run): {roots:.2} root spans and {children:.2} child spans created and closed; \
+             {outermost:.2} span enter+exit pairs at a worker's base depth (poll boundaries) \
+             and {nested:.2} nested."
+        );
+        println!();
+    }
     let run = |variant: Variant| -> RunResult {
         let out = Command::new(&exe)
             .args(["--child", variant.arg(), &requests.to_string()])
@@ -231,7 +255,7 @@ fn main() {
 
 /// One run: server + load generator in this process; prints
 /// `RESULT rps p50 p99 spans/req cpu-µs/req`.
-fn child(variant: Variant, requests: usize) {
+fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
     let exported = CountingExporter::default();
     let processor = BatchSpanProcessor::builder(exported.clone())
         .with_batch_config(
@@ -257,6 +281,7 @@ fn child(variant: Variant, requests: usize) {
         tracing_subscriber::registry()
             .with(otel)
             .with(looplag.layer())
+            .with(counter.clone())
             .init();
         looplag.hook_runtime(&mut builder);
         let runtime = builder.build().expect("runtime");
@@ -294,6 +319,9 @@ fn child(variant: Variant, requests: usize) {
     let before = exported.0.load(Ordering::Relaxed);
     let _ = provider.force_flush();
     let flushed_before = exported.0.load(Ordering::Relaxed).max(before);
+    if let Some(counter) = &counter {
+        counter.reset();
+    }
     let cpu_before = process_cpu_us();
     let started = Instant::now();
     let mut latencies = client.block_on(load(addr, requests));
@@ -301,6 +329,16 @@ fn child(variant: Variant, requests: usize) {
     let cpu_per_request = (process_cpu_us() - cpu_before) / requests as f64;
     let _ = provider.force_flush();
     let spans = exported.0.load(Ordering::Relaxed) - flushed_before;
+    if let Some(counter) = &counter {
+        let per = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / requests as f64;
+        println!(
+            "COUNT {} {} {} {}",
+            per(&counter.0.roots),
+            per(&counter.0.children),
+            per(&counter.0.outermost),
+            per(&counter.0.nested)
+        );
+    }
     let rps = requests as f64 / elapsed.as_secs_f64();
     let p50 = quantile(&mut latencies, 0.50);
     let p99 = quantile(&mut latencies, 0.99);
@@ -308,6 +346,90 @@ fn child(variant: Variant, requests: usize) {
         "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3} {cpu_per_request:.3}",
         spans as f64 / requests as f64
     );
+}
+
+/// Counts, on the server's worker threads, what looplag's hooks see: root and child spans
+/// created, and span enters at a thread's base depth (poll boundaries) or nested.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<SpanCounts>);
+
+#[derive(Default)]
+struct SpanCounts {
+    roots: AtomicU64,
+    children: AtomicU64,
+    outermost: AtomicU64,
+    nested: AtomicU64,
+}
+
+thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl SpanCounter {
+    fn reset(&self) {
+        for c in [
+            &self.0.roots,
+            &self.0.children,
+            &self.0.outermost,
+            &self.0.nested,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A worker thread of the server's multi-thread runtime (the client runs on this process's
+/// main thread, in a current-thread runtime).
+fn on_server_worker() -> bool {
+    tokio::runtime::worker_index().is_some()
+        && tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            matches!(
+                handle.runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::MultiThread
+            )
+        })
+}
+
+impl<S> tracing_subscriber::Layer<S> for SpanCounter
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if !on_server_worker() {
+            return;
+        }
+        let root = ctx.span(id).is_some_and(|span| span.parent().is_none());
+        let counter = if root {
+            &self.0.roots
+        } else {
+            &self.0.children
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_enter(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if !on_server_worker() {
+            return;
+        }
+        let depth = DEPTH.with(|d| d.replace(d.get() + 1));
+        let counter = if depth == 0 {
+            &self.0.outermost
+        } else {
+            &self.0.nested
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_exit(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if on_server_worker() {
+            DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
 }
 
 async fn hello() -> &'static str {
