@@ -50,6 +50,7 @@ struct RunResult {
     p99_us: f64,
     spans_per_request: f64,
     cpu_us_per_request: f64,
+    watchdog_us_per_request: f64,
 }
 
 /// What the server runs with.
@@ -78,6 +79,26 @@ impl Variant {
             _ => Variant::Without,
         }
     }
+}
+
+/// CPU time of this process's thread named `name` (from its schedstat, ns precision), in µs.
+fn thread_cpu_us(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let ns: f64 = stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            return ns / 1e3;
+        }
+    }
+    0.0
 }
 
 /// CPU time of the whole process (user + system), in µs.
@@ -166,6 +187,7 @@ fn main() {
             p99_us: v[2],
             spans_per_request: v[3],
             cpu_us_per_request: v[4],
+            watchdog_us_per_request: v[5],
         }
     };
     let variants = [Variant::Without, Variant::LayerOnly, Variant::Looplag];
@@ -243,6 +265,11 @@ fn main() {
         median(&mut ratios[2].clone()),
         median(&mut ratios[3].clone()),
         range(&ratios[2]),
+    );
+    println!(
+        "| looplag's watchdog thread CPU per request, ns (median) | | | {:.0} | {:.4} of the process's CPU | |",
+        med(&results[2], |r| r.watchdog_us_per_request) * 1e3,
+        med(&results[2], |r| r.watchdog_us_per_request) / med(&results[0], |r| r.cpu_us_per_request),
     );
     println!(
         "| spans exported per request | {:.2} | {:.2} | {:.2} | | |",
@@ -323,10 +350,12 @@ fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
         counter.reset();
     }
     let cpu_before = process_cpu_us();
+    let watchdog_before = thread_cpu_us("looplag-main");
     let started = Instant::now();
     let mut latencies = client.block_on(load(addr, requests));
     let elapsed = started.elapsed();
     let cpu_per_request = (process_cpu_us() - cpu_before) / requests as f64;
+    let watchdog_per_request = (thread_cpu_us("looplag-main") - watchdog_before) / requests as f64;
     let _ = provider.force_flush();
     let spans = exported.0.load(Ordering::Relaxed) - flushed_before;
     if let Some(counter) = &counter {
@@ -343,7 +372,7 @@ fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
     let p50 = quantile(&mut latencies, 0.50);
     let p99 = quantile(&mut latencies, 0.99);
     println!(
-        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3} {cpu_per_request:.3}",
+        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3} {cpu_per_request:.3} {watchdog_per_request:.4}",
         spans as f64 / requests as f64
     );
 }
