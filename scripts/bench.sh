@@ -2,8 +2,8 @@
 # The one benchmark command (BENCHMARKS.md): every benchmark, in the stable build and in the
 # --cfg tokio_unstable build, printed as Markdown tables and saved under target/bench-results/.
 #
-#   ./scripts/bench.sh            full run (≈ 12 min on 2 cores)
-#   ./scripts/bench.sh --quick    smoke run (≈ 3 min): fewer rounds, shorter periods
+#   ./scripts/bench.sh            full run (≈ 11 min on 2 cores, after the builds)
+#   ./scripts/bench.sh --quick    smoke run (≈ 3.5 min): fewer rounds, shorter periods
 #
 # Benchmarks are not tests: nothing here asserts a time. Run it on a quiet machine; every
 # table records the load average before and after it.
