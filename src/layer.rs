@@ -3,13 +3,16 @@
 //!
 //! Enter and exit do one thread-local read and a few atomic stores on runtime worker
 //! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
-//! created or closed, never on enter/exit. The watchdog reaches span data through the
+//! created, never on enter/exit; a closing span is only marked for the watchdog
+//! (`close_gate`), and its root entry dies by itself (see [`Roots`]). The watchdog reaches
+//! span data through the
 //! [`Dispatch`] the layer was registered with, using lookup functions monomorphised for the
 //! subscriber type (the same technique `tracing-opentelemetry` uses for its `Span` extension).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::span::{Attributes, Id};
 use tracing::{Dispatch, Subscriber};
@@ -60,8 +63,69 @@ impl LoopLagLayer {
     }
 }
 
-/// Marks a local root span in its extensions; children find their root through it.
+/// Marks a local root span in its extensions; children find their root through it. It
+/// holds the only long-lived strong reference to the root's [`RootInfo`]: when the span
+/// closes, the registry drops its extensions and the root's entry in [`Roots`] goes dead.
 struct RootMark(Arc<RootInfo>);
+
+/// The in-flight local roots, for marking the victims of a stall.
+///
+/// The table holds weak references keyed by a token that is never reused; the span's
+/// [`RootMark`] holds the strong one. A closing span therefore costs looplag nothing: no
+/// `on_close` hook, no lock, no lookup; its entry just goes dead. Whoever inserts prunes
+/// dead entries once the table has doubled since the last prune, which keeps it within
+/// twice the number of in-flight roots (at least [`Roots::PRUNE_MIN`] entries) for an
+/// amortised O(1) per root, whether or not a watchdog runs.
+struct Roots {
+    map: HashMap<u64, Weak<RootInfo>, BuildHasherDefault<TokenHasher>>,
+    prune_at: usize,
+}
+
+impl Roots {
+    /// Size below which the table is never pruned.
+    const PRUNE_MIN: usize = 1024;
+
+    fn new() -> Self {
+        Roots {
+            map: HashMap::default(),
+            prune_at: Self::PRUNE_MIN,
+        }
+    }
+
+    fn insert(&mut self, info: &Arc<RootInfo>) {
+        self.map.insert(info.token, Arc::downgrade(info));
+        if self.map.len() >= self.prune_at {
+            self.map.retain(|_, root| root.strong_count() > 0);
+            self.prune_at = self.map.len().saturating_mul(2).max(Self::PRUNE_MIN);
+        }
+    }
+
+    /// The roots whose span is still open.
+    fn live(&self) -> impl Iterator<Item = Arc<RootInfo>> + '_ {
+        self.map.values().filter_map(Weak::upgrade)
+    }
+}
+
+/// Hashes root tokens (sequential integers looplag hands out itself, so SipHash's
+/// resistance to chosen keys buys nothing) with one multiplication, as FxHash does.
+#[derive(Default)]
+struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
 
 /// An in-flight local root span: the top span of an in-process trace.
 #[derive(Debug)]
@@ -125,7 +189,7 @@ impl Lookups {
 /// Process-wide state shared by every `LoopLagLayer` and every watchdog.
 pub(crate) struct Shared {
     dispatch: Mutex<Option<(tracing::dispatcher::WeakDispatch, Lookups)>>,
-    roots: Mutex<HashMap<u64, Arc<RootInfo>>>,
+    roots: Mutex<Roots>,
     next_token: AtomicU64,
 }
 
@@ -133,7 +197,7 @@ pub(crate) fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| Shared {
         dispatch: Mutex::new(None),
-        roots: Mutex::new(HashMap::new()),
+        roots: Mutex::new(Roots::new()),
         next_token: AtomicU64::new(1),
     })
 }
@@ -175,12 +239,12 @@ impl Shared {
         let roots = lock(&self.roots);
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
-        for root in roots.values() {
+        for root in roots.live() {
             if Some(root.token) == exclude || root.created_at >= ended || !root.waited_on(thread) {
                 continue;
             }
             if chosen.len() < limit {
-                chosen.push(Arc::clone(root));
+                chosen.push(root);
             } else {
                 dropped = dropped.saturating_add(1);
             }
@@ -191,7 +255,7 @@ impl Shared {
     /// Number of in-flight local roots being tracked.
     #[allow(dead_code)]
     pub(crate) fn roots_in_flight(&self) -> usize {
-        lock(&self.roots).len()
+        lock(&self.roots).live().count()
     }
 }
 
@@ -317,7 +381,7 @@ where
             last_polled_on: AtomicU64::new(0),
         });
         span.extensions_mut().insert(RootMark(Arc::clone(&info)));
-        lock(&shared.roots).insert(info.token, info);
+        lock(&shared.roots).insert(&info);
     }
 
     /// Records the entered span in the worker's slot.
@@ -332,15 +396,43 @@ where
         slots::with_current(|slot| slot.exit(id.into_u64()));
     }
 
-    /// Marks the span closing for the watchdog, and stops tracking a closed local root span.
+    /// Marks the span closing for the watchdog (see `close_gate`). A closing root needs
+    /// nothing else: its entry in the root table dies with its extensions.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else {
             return;
         };
         close_gate::mark(|| span.extensions_mut().insert(Closing));
-        let token = span.extensions().get::<RootMark>().map(|mark| mark.0.token);
-        if let Some(token) = token {
-            lock(&shared().roots).remove(&token);
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn closed_roots_go_dead_and_are_pruned_open_roots_stay() {
+        let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new());
+        tracing::subscriber::with_default(subscriber, || {
+            let open: Vec<_> = (0..10).map(|_| tracing::info_span!("open")).collect();
+            for _ in 0..10 * Roots::PRUNE_MIN {
+                drop(tracing::info_span!("request"));
+            }
+            let child = tracing::info_span!(parent: &open[0], "child");
+            let tracked = lock(&shared().roots).map.len();
+            assert!(
+                tracked <= Roots::PRUNE_MIN,
+                "closed roots are pruned: {tracked} entries"
+            );
+            assert_eq!(shared().roots_in_flight(), 10, "only open roots are live");
+            drop(child);
+            drop(open);
+            assert_eq!(
+                shared().roots_in_flight(),
+                0,
+                "closing a root kills its entry"
+            );
+        });
     }
 }

@@ -1,0 +1,507 @@
+//! Server overhead: an axum server with tower-http's `TraceLayer` and `tracing-opentelemetry`
+//! (batch span processor into an in-process counting exporter), loaded on loopback by a
+//! hyper client at fixed concurrency, with looplag (layer + hooked runtime + watchdog) and
+//! without, alternated in one run.
+//!
+//! Every run is a child process of this binary (a fresh global subscriber each time); the
+//! parent runs the variants in an order that rotates from round to round, so slow drift on
+//! a shared machine falls evenly on all, and reports medians and the median of per-round
+//! ratios. Besides requests/s and p99, it reports the process's CPU time per request,
+//! which a busy neighbour on a shared machine disturbs less than throughput.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
+};
+use support::*;
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Connections the load generator keeps open, each sending requests one after another.
+const CONCURRENCY: usize = 32;
+
+/// A span exporter that only counts: the cost of the OpenTelemetry pipeline up to the wire.
+#[derive(Debug, Clone, Default)]
+struct CountingExporter(Arc<AtomicU64>);
+
+impl SpanExporter for CountingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+struct RunResult {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    spans_per_request: f64,
+    cpu_us_per_request: f64,
+    watchdog_us_per_request: f64,
+}
+
+/// What the server runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// tracing-opentelemetry only.
+    Without,
+    /// looplag's layer added, runtime not hooked, no watchdog: the layer's own cost.
+    LayerOnly,
+    /// looplag as documented: layer, hooked runtime, watchdog.
+    Looplag,
+}
+
+impl Variant {
+    fn arg(self) -> &'static str {
+        match self {
+            Variant::Without => "without",
+            Variant::LayerOnly => "layer-only",
+            Variant::Looplag => "looplag",
+        }
+    }
+    fn parse(arg: &str) -> Self {
+        match arg {
+            "layer-only" => Variant::LayerOnly,
+            "looplag" | "count" => Variant::Looplag,
+            _ => Variant::Without,
+        }
+    }
+}
+
+/// CPU time of this process's thread named `name` (from its schedstat, ns precision), in µs.
+fn thread_cpu_us(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let ns: f64 = stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            return ns / 1e3;
+        }
+    }
+    0.0
+}
+
+/// CPU time of the whole process (user + system), in µs.
+fn process_cpu_us() -> f64 {
+    // SAFETY: `getrusage` fills the struct we pass; a zeroed `rusage` is a valid value.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let variant = Variant::parse(&args[i + 1]);
+        let requests: usize = args[i + 2].parse().expect("request count");
+        let counter = (args[i + 1] == "count").then(SpanCounter::default);
+        child(variant, requests, counter);
+        return;
+    }
+    let rounds = pick(10, 2);
+    let exe = std::env::current_exe().expect("own path");
+    let counts = {
+        let out = Command::new(&exe)
+            .args(["--child", "count", "5000"])
+            .output()
+            .expect("run counting child");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("COUNT ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let requests = pick(50_000, 8_000);
+    header("Server overhead: axum + TraceLayer + tracing-opentelemetry, with vs without looplag");
+    println!(
+        "{rounds} rounds; each round runs every variant once, each in a fresh process, in an \
+         order that rotates from round to round; {requests} requests per run after 2000 warm-up \
+         requests, {CONCURRENCY} keep-alive connections. Server: multi-thread runtime with 2 \
+         workers; client: current-thread runtime on its own thread in the same process; spans \
+         go through a batch span processor (its own thread) into a counting exporter. CPU per \
+         request is the whole process's user + system time (server, client and exporter) over \
+         the measured requests. Variants: without = tracing-opentelemetry only; layer only = \
+         plus looplag's layer, runtime not hooked, no watchdog; looplag = layer + hooked \
+         runtime + watchdog (10 ms), as documented."
+    );
+    println!();
+    let c: Vec<f64> = counts
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if let [roots, children, outermost, nested, ..] = c[..] {
+        println!(
+            "What looplag's hooks see per request (counted by an extra layer in a separate \
+             run): {roots:.2} root spans and {children:.2} child spans created and closed; \
+             {outermost:.2} span enter+exit pairs at a worker's base depth (poll boundaries) \
+             and {nested:.2} nested."
+        );
+        println!();
+    }
+    let run = |variant: Variant| -> RunResult {
+        let out = Command::new(&exe)
+            .args(["--child", variant.arg(), &requests.to_string()])
+            .output()
+            .expect("run child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "child failed: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        RunResult {
+            rps: v[0],
+            p50_us: v[1],
+            p99_us: v[2],
+            spans_per_request: v[3],
+            cpu_us_per_request: v[4],
+            watchdog_us_per_request: v[5],
+        }
+    };
+    let variants = [Variant::Without, Variant::LayerOnly, Variant::Looplag];
+    println!("| round | without: req/s | looplag: req/s | ratio | without: p99 (µs) | looplag: p99 (µs) | ratio | CPU µs/req: without | layer only | looplag |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut results: Vec<Vec<RunResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut ratios: [Vec<f64>; 5] = Default::default();
+    for round in 0..rounds {
+        let mut this: Vec<Option<RunResult>> = vec![None, None, None];
+        for k in 0..variants.len() {
+            let i = (round + k) % variants.len();
+            this[i] = Some(run(variants[i]));
+        }
+        let [without, layer, with] = [0, 1, 2].map(|i| this[i].take().expect("ran"));
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} |",
+            round + 1,
+            without.rps,
+            with.rps,
+            with.rps / without.rps,
+            without.p99_us,
+            with.p99_us,
+            with.p99_us / without.p99_us,
+            without.cpu_us_per_request,
+            layer.cpu_us_per_request,
+            with.cpu_us_per_request,
+        );
+        ratios[0].push(with.rps / without.rps);
+        ratios[1].push(with.p99_us / without.p99_us);
+        ratios[2].push(with.cpu_us_per_request / without.cpu_us_per_request);
+        ratios[3].push(layer.cpu_us_per_request / without.cpu_us_per_request);
+        ratios[4].push(layer.rps / without.rps);
+        results[0].push(without);
+        results[1].push(layer);
+        results[2].push(with);
+    }
+    let med = |runs: &[RunResult], f: fn(&RunResult) -> f64| {
+        median(&mut runs.iter().map(f).collect::<Vec<_>>())
+    };
+    let range = |v: &[f64]| {
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3} … {hi:.3}")
+    };
+    println!();
+    println!("| | without looplag | looplag layer only | looplag | looplag / without: median of per-round ratios | range of per-round ratios |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| requests/s (median) | {:.0} | {:.0} | {:.0} | {:.3} | {} |",
+        med(&results[0], |r| r.rps),
+        med(&results[1], |r| r.rps),
+        med(&results[2], |r| r.rps),
+        median(&mut ratios[0].clone()),
+        range(&ratios[0]),
+    );
+    println!(
+        "| p50 latency, µs (median) | {:.0} | {:.0} | {:.0} | | |",
+        med(&results[0], |r| r.p50_us),
+        med(&results[1], |r| r.p50_us),
+        med(&results[2], |r| r.p50_us),
+    );
+    println!(
+        "| p99 latency, µs (median) | {:.0} | {:.0} | {:.0} | {:.3} | {} |",
+        med(&results[0], |r| r.p99_us),
+        med(&results[1], |r| r.p99_us),
+        med(&results[2], |r| r.p99_us),
+        median(&mut ratios[1].clone()),
+        range(&ratios[1]),
+    );
+    println!(
+        "| process CPU per request, µs (median) | {:.2} | {:.2} | {:.2} | {:.3} (layer only: {:.3}) | {} |",
+        med(&results[0], |r| r.cpu_us_per_request),
+        med(&results[1], |r| r.cpu_us_per_request),
+        med(&results[2], |r| r.cpu_us_per_request),
+        median(&mut ratios[2].clone()),
+        median(&mut ratios[3].clone()),
+        range(&ratios[2]),
+    );
+    println!(
+        "| looplag's watchdog thread CPU per request, ns (median) | | | {:.0} | {:.4} of the process's CPU | |",
+        med(&results[2], |r| r.watchdog_us_per_request) * 1e3,
+        med(&results[2], |r| r.watchdog_us_per_request) / med(&results[0], |r| r.cpu_us_per_request),
+    );
+    println!(
+        "| spans exported per request | {:.2} | {:.2} | {:.2} | | |",
+        med(&results[0], |r| r.spans_per_request),
+        med(&results[1], |r| r.spans_per_request),
+        med(&results[2], |r| r.spans_per_request),
+    );
+    footer();
+}
+
+/// One run: server + load generator in this process; prints
+/// `RESULT rps p50 p99 spans/req cpu-µs/req`.
+fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
+    let exported = CountingExporter::default();
+    let processor = BatchSpanProcessor::builder(exported.clone())
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(1 << 16)
+                .with_max_export_batch_size(512)
+                .with_scheduled_delay(Duration::from_millis(100))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("server"));
+
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    let (server_runtime, _watchdog) = if variant == Variant::Looplag {
+        let looplag = looplag::LoopLag::builder()
+            .tracer(provider.tracer("looplag"))
+            .build()
+            .expect("looplag");
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(looplag.layer())
+            .with(counter.clone())
+            .init();
+        looplag.hook_runtime(&mut builder);
+        let runtime = builder.build().expect("runtime");
+        let watchdog = looplag.start(runtime.handle()).expect("start");
+        (runtime, Some(watchdog))
+    } else if variant == Variant::LayerOnly {
+        let looplag = looplag::LoopLag::builder()
+            .tracer(provider.tracer("looplag"))
+            .build()
+            .expect("looplag");
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(looplag.layer())
+            .init();
+        (builder.build().expect("runtime"), None)
+    } else {
+        tracing_subscriber::registry().with(otel).init();
+        (builder.build().expect("runtime"), None)
+    };
+
+    let listener = server_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hello", axum::routing::get(hello))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    server_runtime.spawn(async move { axum::serve(listener, app).await });
+
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client.block_on(load(addr, 2000));
+    let before = exported.0.load(Ordering::Relaxed);
+    let _ = provider.force_flush();
+    let flushed_before = exported.0.load(Ordering::Relaxed).max(before);
+    if let Some(counter) = &counter {
+        counter.reset();
+    }
+    let cpu_before = process_cpu_us();
+    let watchdog_before = thread_cpu_us("looplag-main");
+    let started = Instant::now();
+    let mut latencies = client.block_on(load(addr, requests));
+    let elapsed = started.elapsed();
+    let cpu_per_request = (process_cpu_us() - cpu_before) / requests as f64;
+    let watchdog_per_request = (thread_cpu_us("looplag-main") - watchdog_before) / requests as f64;
+    let _ = provider.force_flush();
+    let spans = exported.0.load(Ordering::Relaxed) - flushed_before;
+    if let Some(counter) = &counter {
+        let per = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / requests as f64;
+        println!(
+            "COUNT {} {} {} {}",
+            per(&counter.0.roots),
+            per(&counter.0.children),
+            per(&counter.0.outermost),
+            per(&counter.0.nested)
+        );
+    }
+    let rps = requests as f64 / elapsed.as_secs_f64();
+    let p50 = quantile(&mut latencies, 0.50);
+    let p99 = quantile(&mut latencies, 0.99);
+    println!(
+        "RESULT {rps:.1} {p50:.1} {p99:.1} {:.3} {cpu_per_request:.3} {watchdog_per_request:.4}",
+        spans as f64 / requests as f64
+    );
+}
+
+/// Counts, on the server's worker threads, what looplag's hooks see: root and child spans
+/// created, and span enters at a thread's base depth (poll boundaries) or nested.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<SpanCounts>);
+
+#[derive(Default)]
+struct SpanCounts {
+    roots: AtomicU64,
+    children: AtomicU64,
+    outermost: AtomicU64,
+    nested: AtomicU64,
+}
+
+thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl SpanCounter {
+    fn reset(&self) {
+        for c in [
+            &self.0.roots,
+            &self.0.children,
+            &self.0.outermost,
+            &self.0.nested,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A worker thread of the server's multi-thread runtime (the client runs on this process's
+/// main thread, in a current-thread runtime).
+fn on_server_worker() -> bool {
+    tokio::runtime::worker_index().is_some()
+        && tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            matches!(
+                handle.runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::MultiThread
+            )
+        })
+}
+
+impl<S> tracing_subscriber::Layer<S> for SpanCounter
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if !on_server_worker() {
+            return;
+        }
+        let root = ctx.span(id).is_some_and(|span| span.parent().is_none());
+        let counter = if root {
+            &self.0.roots
+        } else {
+            &self.0.children
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_enter(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if !on_server_worker() {
+            return;
+        }
+        let depth = DEPTH.with(|d| d.replace(d.get() + 1));
+        let counter = if depth == 0 {
+            &self.0.outermost
+        } else {
+            &self.0.nested
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_exit(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if on_server_worker() {
+            DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+}
+
+async fn hello() -> &'static str {
+    // A typical handler: some work inside its own span.
+    async { std::hint::black_box("hello") }
+        .instrument(tracing::info_span!("handler"))
+        .await
+}
+
+/// Sends `requests` GETs over `CONCURRENCY` keep-alive connections; returns each request's
+/// latency in µs.
+async fn load(addr: SocketAddr, requests: usize) -> Vec<f64> {
+    let per_connection = requests / CONCURRENCY;
+    let extra = requests % CONCURRENCY;
+    let mut connections = Vec::new();
+    for i in 0..CONCURRENCY {
+        let count = per_connection + usize::from(i < extra);
+        connections.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(connection);
+            let mut latencies = Vec::with_capacity(count);
+            for _ in 0..count {
+                let request = hyper::Request::get("/hello")
+                    .header("host", "127.0.0.1")
+                    .body(Empty::<&'static [u8]>::new())
+                    .expect("request");
+                let sent = Instant::now();
+                let response = sender.send_request(request).await.expect("response");
+                assert!(response.status().is_success());
+                response.into_body().collect().await.expect("body");
+                latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::with_capacity(requests);
+    for connection in connections {
+        all.extend(connection.await.expect("connection task"));
+    }
+    all
+}
