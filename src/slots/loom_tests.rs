@@ -213,7 +213,11 @@ fn check(polls: &[Poll], snapshots: &[Snapshot], flagged: &[Flagged]) {
 
 fn run(protocol: Protocol, polls: u64, rounds: usize, rechecks: usize) {
     loom::model(move || {
-        let slot = Arc::new(Slot::new(1, matches!(protocol, Protocol::PollHooks)));
+        let slot = Arc::new(Slot::new(
+            1,
+            matches!(protocol, Protocol::PollHooks),
+            Some(false),
+        ));
         let ended = Arc::new(AtomicUsize::new(0));
         let (owner_slot, owner_ended) = (Arc::clone(&slot), Arc::clone(&ended));
         let worker = thread::spawn(move || owner(&owner_slot, protocol, polls, &owner_ended));
