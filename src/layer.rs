@@ -3,9 +3,10 @@
 //!
 //! Enter and exit do one thread-local read and a few atomic stores on runtime worker
 //! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
-//! created, never on enter/exit, and costs nothing when a span closes (see [`Roots`]). The watchdog reaches span data through the
-//! [`Dispatch`] the layer was registered with, using lookup functions monomorphised for the
-//! subscriber type (the same technique `tracing-opentelemetry` uses for its `Span` extension).
+//! created, never on enter/exit, and costs nothing when a span closes (see [`Roots`]). The
+//! watchdog reaches span data through the [`Dispatch`] the layer was registered with, using
+//! lookup functions monomorphised for the subscriber type (the same technique
+//! `tracing-opentelemetry` uses for its `Span` extension).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
