@@ -5,9 +5,9 @@
 //! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
 //! created, never on enter/exit; a closing span is only marked for the watchdog
 //! (`close_gate`), and its root entry dies by itself (see [`Roots`]). The watchdog reaches
-//! span data through the
-//! [`Dispatch`] the layer was registered with, using lookup functions monomorphised for the
-//! subscriber type (the same technique `tracing-opentelemetry` uses for its `Span` extension).
+//! span data through the [`Dispatch`] the layer was registered with, using lookup functions
+//! monomorphised for the subscriber type (the same technique `tracing-opentelemetry` uses
+//! for its `Span` extension).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -411,11 +411,25 @@ mod tests {
     use super::*;
     use tracing_subscriber::layer::SubscriberExt;
 
+    /// The tokens of the live roots whose span id is in `ids` (the table is process-wide,
+    /// so look only at this test's spans).
+    fn live_tokens(ids: &[u64]) -> Vec<u64> {
+        lock(&shared().roots)
+            .live()
+            .filter(|root| ids.contains(&root.id))
+            .map(|root| root.token)
+            .collect()
+    }
+
     #[test]
     fn closed_roots_go_dead_and_are_pruned_open_roots_stay() {
         let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new());
         tracing::subscriber::with_default(subscriber, || {
             let open: Vec<_> = (0..10).map(|_| tracing::info_span!("open")).collect();
+            let ids: Vec<u64> = open
+                .iter()
+                .filter_map(|span| span.id().map(|id| id.into_u64()))
+                .collect();
             for _ in 0..10 * Roots::PRUNE_MIN {
                 drop(tracing::info_span!("request"));
             }
@@ -425,14 +439,20 @@ mod tests {
                 tracked <= Roots::PRUNE_MIN,
                 "closed roots are pruned: {tracked} entries"
             );
-            assert_eq!(shared().roots_in_flight(), 10, "only open roots are live");
+            let tokens = live_tokens(&ids);
+            assert_eq!(
+                tokens.len(),
+                10,
+                "open roots stay live, the child is no root"
+            );
             drop(child);
             drop(open);
-            assert_eq!(
-                shared().roots_in_flight(),
-                0,
-                "closing a root kills its entry"
-            );
+            let still_live: Vec<u64> = lock(&shared().roots)
+                .live()
+                .map(|root| root.token)
+                .filter(|token| tokens.contains(token))
+                .collect();
+            assert!(still_live.is_empty(), "closing a root kills its entry");
         });
     }
 }
