@@ -39,7 +39,7 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
         c.await.unwrap();
     });
     assert!(
-        wait_until(Duration::from_secs(2), || h.ended_reports().len() == 1),
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
         "one ended stall report: {:#?}",
         h.reports()
     );

@@ -21,7 +21,7 @@ fn stall(h: &Harness, block: impl FnOnce() + Send + 'static) -> StallReport {
             .await
             .unwrap();
     });
-    assert!(wait_until(Duration::from_secs(3), || h
+    assert!(wait_until(Duration::from_secs(10), || h
         .ended_reports()
         .len()
         == 1));

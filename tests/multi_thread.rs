@@ -47,7 +47,7 @@ fn ten_single_worker_stalls_are_all_detected_with_their_parent() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        wait_until(Duration::from_secs(3), || h.ended_reports().len() >= 10),
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() >= 10),
         "ten ended stalls: {:#?}",
         h.ended_reports()
     );
@@ -131,7 +131,7 @@ fn uninstrumented_stall_is_detected_while_blocked() {
         r.store(true, Ordering::SeqCst);
     });
     runtime.block_on(task).unwrap();
-    assert!(wait_until(Duration::from_secs(2), || !h
+    assert!(wait_until(Duration::from_secs(10), || !h
         .ended_reports()
         .is_empty()));
     stop.store(true, Ordering::Relaxed);

@@ -98,7 +98,7 @@ fn panics_in_instrumented_tasks_leave_the_worker_consistent() {
         .unwrap();
     });
     assert!(
-        wait_until(Duration::from_secs(2), || !h.ended_reports().is_empty()),
+        wait_until(Duration::from_secs(10), || !h.ended_reports().is_empty()),
         "1 ended stall(s): {:#?}",
         h.reports()
     );
@@ -134,7 +134,7 @@ fn a_panic_during_a_stall_ends_it_and_the_next_stall_on_that_worker_is_exact() {
     );
     assert!(runtime.block_on(doomed).unwrap_err().is_panic());
     assert!(
-        wait_until(Duration::from_secs(2), || !h.ended_reports().is_empty()),
+        wait_until(Duration::from_secs(10), || !h.ended_reports().is_empty()),
         "1 ended stall(s): {:#?}",
         h.reports()
     );
@@ -149,7 +149,7 @@ fn a_panic_during_a_stall_ends_it_and_the_next_stall_on_that_worker_is_exact() {
         )
         .unwrap();
     assert!(
-        wait_until(Duration::from_secs(2), || h.ended_reports().len() >= 2),
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() >= 2),
         "2 ended stall(s): {:#?}",
         h.reports()
     );

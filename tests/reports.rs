@@ -70,7 +70,7 @@ fn a_worker_blocked_for_three_seconds_is_reported_at_least_twice_while_blocked()
         .await
         .unwrap();
     });
-    assert!(wait_until(Duration::from_secs(1), || h
+    assert!(wait_until(Duration::from_secs(10), || h
         .ended_reports()
         .len()
         == 1));

@@ -148,7 +148,7 @@ fn stack_captures_are_rate_limited_and_suppressions_counted() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    assert!(wait_until(Duration::from_secs(2), || h
+    assert!(wait_until(Duration::from_secs(10), || h
         .ended_reports()
         .len()
         == 8));
@@ -197,7 +197,7 @@ fn capture_stacks_off_takes_no_stack() {
         .await
         .unwrap();
     });
-    assert!(wait_until(Duration::from_secs(2), || h
+    assert!(wait_until(Duration::from_secs(10), || h
         .ended_reports()
         .len()
         == 1));

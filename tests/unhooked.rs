@@ -56,7 +56,7 @@ fn unhooked_multi_thread_runtime_still_gets_estimated_stalls() {
             ),
         )
         .unwrap();
-    assert!(wait_until(Duration::from_secs(2), || h
+    assert!(wait_until(Duration::from_secs(10), || h
         .ended_reports()
         .len()
         == 1));
