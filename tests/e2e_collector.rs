@@ -43,6 +43,7 @@ fn app(service: &str, target: OtlpTarget, metric_interval: Duration) -> App {
         otlp: Some(target),
         metric_interval,
         span_delay: Duration::from_millis(200),
+        ..Settings::default()
     };
     let telemetry = Telemetry::new(&settings, None).expect("build the OTLP pipeline");
     let (sender, reports) = mpsc::channel();

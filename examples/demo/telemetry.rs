@@ -83,6 +83,11 @@ pub struct Settings {
     pub metric_interval: Duration,
     /// How long finished spans wait in the batch before they are sent.
     pub span_delay: Duration,
+    /// How long one OTLP export may take, retries included, before it is given up;
+    /// `None`: `OTEL_EXPORTER_OTLP_TIMEOUT` (read by the exporter), else its default of 10 s.
+    /// Also bounds how long [`Telemetry::flush`] and [`Telemetry::shutdown`] take when the
+    /// collector is unreachable or never answers.
+    pub export_timeout: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -92,6 +97,7 @@ impl Default for Settings {
             otlp: None,
             metric_interval: Duration::from_secs(5),
             span_delay: Duration::from_secs(1),
+            export_timeout: None,
         }
     }
 }
@@ -136,7 +142,7 @@ impl Telemetry {
                 .map_err(|err| format!("cannot build the exporters' runtime: {err}"))?;
             let (spans, metrics) = {
                 let _inside = runtime.enter();
-                otlp_exporters(target)?
+                otlp_exporters(target, settings.export_timeout)?
             };
             let batch = BatchSpanProcessor::builder(spans)
                 .with_batch_config(
@@ -186,7 +192,10 @@ impl Telemetry {
 
 /// Builds the OTLP span and metric exporters; for gRPC, call it inside the runtime that
 /// should carry the connection.
-fn otlp_exporters(target: &OtlpTarget) -> Result<(SpanExporter, MetricExporter), String> {
+fn otlp_exporters(
+    target: &OtlpTarget,
+    timeout: Option<Duration>,
+) -> Result<(SpanExporter, MetricExporter), String> {
     let error = |what: &str, err: opentelemetry_otlp::ExporterBuildError| {
         format!("cannot build the OTLP {what} exporter ({target:?}): {err}")
     };
@@ -197,6 +206,10 @@ fn otlp_exporters(target: &OtlpTarget) -> Result<(SpanExporter, MetricExporter),
             if let Some(base) = &target.endpoint {
                 spans = spans.with_endpoint(base.clone());
                 metrics = metrics.with_endpoint(base.clone());
+            }
+            if let Some(timeout) = timeout {
+                spans = spans.with_timeout(timeout);
+                metrics = metrics.with_timeout(timeout);
             }
             Ok((
                 spans.build().map_err(|err| error("span", err))?,
@@ -212,6 +225,10 @@ fn otlp_exporters(target: &OtlpTarget) -> Result<(SpanExporter, MetricExporter),
                 let base = base.trim_end_matches('/');
                 spans = spans.with_endpoint(format!("{base}/v1/traces"));
                 metrics = metrics.with_endpoint(format!("{base}/v1/metrics"));
+            }
+            if let Some(timeout) = timeout {
+                spans = spans.with_timeout(timeout);
+                metrics = metrics.with_timeout(timeout);
             }
             Ok((
                 spans.build().map_err(|err| error("span", err))?,
