@@ -7,7 +7,6 @@
 //! `collector/testdata/README.md`, with a recorded sample beside it that the parser is tested
 //! on. Every span and metric rotel receives is printed when it is received, before batching.
 
-use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,11 +15,16 @@ use std::time::{Duration, Instant};
 /// How long rotel gets to listen on both ports.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running `rotel` process; killed (by its PID, it is our child) when dropped.
+/// A `rotel` process on two loopback ports; killed (by its PID, it is our child) when
+/// dropped. It can be stopped and started again on the same ports ([`Collector::stop`],
+/// [`Collector::restart`]), as a collector that goes away and comes back: exporters keep
+/// their endpoint.
 pub struct Collector {
-    child: Child,
+    /// `None` while stopped.
+    child: Option<Child>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    binary: PathBuf,
     dir: PathBuf,
     log: PathBuf,
 }
@@ -38,8 +42,10 @@ impl Collector {
         // A free port can be taken by another process between our check and rotel's bind;
         // try a few pairs.
         for attempt in 0..3 {
-            match Collector::try_start(&binary, attempt) {
-                Ok(collector) => return collector,
+            let (grpc, http) = free_ports();
+            let mut collector = Collector::new(binary.clone(), grpc, http, attempt);
+            match collector.spawn_and_wait() {
+                Ok(()) => return collector,
                 Err(err) => last_error = err,
             }
         }
@@ -49,8 +55,19 @@ impl Collector {
         );
     }
 
-    fn try_start(binary: &Path, attempt: u32) -> Result<Collector, String> {
-        let (grpc, http) = free_port_pair();
+    /// Starts rotel on the given ports (for instance where exporters already point, see
+    /// [`free_ports`]), trying again until [`STARTUP_TIMEOUT`] while a port is still taken.
+    ///
+    /// # Panics
+    ///
+    /// When rotel is not installed or does not listen on both ports in time.
+    pub fn start_on(grpc: SocketAddr, http: SocketAddr) -> Collector {
+        let mut collector = Collector::new(rotel_binary(), grpc, http, 0);
+        collector.restart();
+        collector
+    }
+
+    fn new(binary: PathBuf, grpc: SocketAddr, http: SocketAddr, attempt: u32) -> Collector {
         let dir = std::env::temp_dir().join(format!(
             "looplag-e2e-{}-{}-{attempt}",
             std::process::id(),
@@ -58,11 +75,66 @@ impl Collector {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let log = dir.join("rotel.log");
-        let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        Collector {
+            child: None,
+            grpc,
+            http,
+            binary,
+            dir,
+            log,
+        }
+    }
+
+    /// The PID of the running rotel, `None` while stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills rotel (by its PID: SIGKILL, as a crash or a `kill -9` would) and waits for it
+    /// to exit. The ports and the log are kept; [`Collector::restart`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts rotel again on the same ports, appending to the same log. A port can stay
+    /// taken for a moment after the previous process exits; this tries again until
+    /// [`STARTUP_TIMEOUT`].
+    ///
+    /// # Panics
+    ///
+    /// When rotel does not listen on both ports in time.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(err) if Instant::now() >= deadline => panic!(
+                    "rotel did not start again on {} and {} within {STARTUP_TIMEOUT:?}: {err}",
+                    self.grpc, self.http
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Spawns rotel on this collector's ports (appending to its log) and waits until it
+    /// listens on both; on failure nothing is left running.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let (grpc, http) = (self.grpc, self.http);
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("create {}: {e}", self.dir.display()))?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("open {}: {e}", self.log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut command = Command::new(binary);
+        let mut command = Command::new(&self.binary);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("ROTEL_") {
                 command.env_remove(key);
@@ -77,28 +149,34 @@ impl Collector {
             .args(["--debug-log-verbosity", "detailed"])
             // Only used when daemonized; kept out of the shared /tmp defaults anyway.
             .arg("--pid-file")
-            .arg(dir.join("rotel.pid"))
+            .arg(self.dir.join("rotel.pid"))
             .arg("--log-file")
-            .arg(dir.join("rotel-agent.log"))
+            .arg(self.dir.join("rotel-agent.log"))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-        let mut collector = Collector {
-            child,
-            grpc,
-            http,
-            dir,
-            log,
-        };
+            .map_err(|e| format!("spawn {}: {e}", self.binary.display()))?;
+        self.child = Some(child);
+        let result = self.wait_listening();
+        if result.is_err() {
+            self.stop();
+        }
+        result
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let (grpc, http) = (self.grpc, self.http);
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = collector.child.try_wait() {
+            let Some(child) = self.child.as_mut() else {
+                return Err("not started".to_string());
+            };
+            if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!(
                     "rotel exited ({status}) before listening on {grpc} and {http}; its log:\n{}",
-                    collector.text()
+                    self.text()
                 ));
             }
             let listening = [grpc, http]
@@ -107,8 +185,8 @@ impl Collector {
             if listening {
                 // Still ours: had another process taken a port, rotel would have exited.
                 std::thread::sleep(Duration::from_millis(100));
-                if let Ok(None) = collector.child.try_wait() {
-                    return Ok(collector);
+                if let Ok(None) = child.try_wait() {
+                    return Ok(());
                 }
                 continue;
             }
@@ -116,8 +194,8 @@ impl Collector {
                 return Err(format!(
                     "rotel (pid {}) not listening on {grpc} and {http} after {STARTUP_TIMEOUT:?}; \
                      its log:\n{}",
-                    collector.child.id(),
-                    collector.text()
+                    child.id(),
+                    self.text()
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -151,22 +229,31 @@ impl Collector {
 
     /// Polls what was received every 50 ms until `condition` holds or `timeout` passes;
     /// returns the last dump either way.
-    pub fn wait_for(&self, timeout: Duration, mut condition: impl FnMut(&Dump) -> bool) -> Dump {
+    pub fn wait_for(&self, timeout: Duration, condition: impl FnMut(&Dump) -> bool) -> Dump {
+        self.wait_for_every(timeout, Duration::from_millis(50), condition)
+    }
+
+    /// [`Collector::wait_for`], polling every `interval` (a long log takes a while to parse).
+    pub fn wait_for_every(
+        &self,
+        timeout: Duration,
+        interval: Duration,
+        mut condition: impl FnMut(&Dump) -> bool,
+    ) -> Dump {
         let deadline = Instant::now() + timeout;
         loop {
             let dump = self.received();
             if condition(&dump) || Instant::now() >= deadline {
                 return dump;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(interval);
         }
     }
 }
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         if std::thread::panicking() {
             eprintln!("rotel's log is kept at {}", self.log.display());
         } else {
@@ -199,8 +286,9 @@ fn rotel_binary() -> PathBuf {
     PathBuf::from(path)
 }
 
-/// Two distinct free loopback ports (rotel cannot be given port 0).
-fn free_port_pair() -> (SocketAddr, SocketAddr) {
+/// Two distinct loopback ports that were free a moment ago (rotel cannot be given port 0):
+/// nothing listens on them until someone binds them.
+pub fn free_ports() -> (SocketAddr, SocketAddr) {
     let a = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     let pair = (a.local_addr().expect("port"), b.local_addr().expect("port"));
