@@ -55,6 +55,7 @@ mod clock;
 mod close_gate;
 mod config;
 mod diagnosis;
+mod doze;
 mod env;
 mod error;
 mod instance;

@@ -17,9 +17,10 @@ use opentelemetry::{Context, KeyValue};
 use crate::clock::{self, Anchor};
 use crate::config::StackSupport;
 use crate::diagnosis::{self, StallKind};
+use crate::doze::IDLE_SAMPLE_INTERVALS;
 use crate::instance::Inner;
 use crate::layer::{self, SpanAccess, SpanInfo};
-use crate::probe::Probe;
+use crate::probe::{Collected, Probe};
 use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
@@ -31,9 +32,15 @@ use crate::{StallReport, StallState};
 const UNHOOKED_GRACE: Duration = Duration::from_secs(2);
 
 /// The watchdog thread's main loop; returns when `stop` is set.
+///
+/// Ticks every sample interval on a fixed grid. After a tick that found the runtime idle
+/// (every worker parked) it dozes instead, for `IDLE_SAMPLE_INTERVALS` intervals or until a
+/// worker unparks (see `doze.rs`), then ticks at once.
 pub(crate) fn run(inner: Arc<Inner>, handle: tokio::runtime::Handle, stop: Arc<AtomicBool>) {
     let interval = inner.config.sample_interval;
-    let mut watch = Watch::new(inner, handle);
+    let idle_sleep = interval.saturating_mul(IDLE_SAMPLE_INTERVALS);
+    inner.doze.set_watchdog(Some(std::thread::current()));
+    let mut watch = Watch::new(Arc::clone(&inner), handle);
     let mut next = Instant::now() + interval;
     let mut tick_panicked = false;
     while !stop.load(Ordering::Acquire) {
@@ -47,15 +54,46 @@ pub(crate) fn run(inner: Arc<Inner>, handle: tokio::runtime::Handle, stop: Arc<A
             next = now + interval;
         }
         let ticked = panic::catch_unwind(AssertUnwindSafe(|| watch.tick()));
-        if ticked.is_err() && !tick_panicked {
-            tick_panicked = true;
-            tracing::error!(
-                target: "looplag",
-                "looplag's watchdog recovered from a panic; please report this bug"
-            );
+        let idle = match ticked {
+            Ok(idle) => idle,
+            Err(_) => {
+                if !tick_panicked {
+                    tick_panicked = true;
+                    tracing::error!(
+                        target: "looplag",
+                        "looplag's watchdog recovered from a panic; please report this bug"
+                    );
+                }
+                false
+            }
+        };
+        if idle && inner.doze.begin(|| watch.all_parked()) {
+            let dozed = doze(&inner, &stop, idle_sleep);
+            watch.woke(dozed);
+            next = Instant::now();
+        } else {
+            watch.spawn_probe();
         }
     }
+    inner.doze.end();
+    inner.doze.set_watchdog(None);
     let _ = panic::catch_unwind(AssertUnwindSafe(|| watch.finish()));
+}
+
+/// Sleeps until `idle_sleep` has passed, a worker unparks or `stop` is set; returns how long
+/// it slept.
+fn doze(inner: &Inner, stop: &AtomicBool, idle_sleep: Duration) -> Duration {
+    let began = Instant::now();
+    let until = began + idle_sleep;
+    loop {
+        let now = Instant::now();
+        if now >= until || !inner.doze.dozing() || stop.load(Ordering::Acquire) {
+            break;
+        }
+        std::thread::park_timeout(until - now);
+    }
+    inner.doze.end();
+    began.elapsed()
 }
 
 /// Per tokio worker: when its published metrics last changed.
@@ -152,6 +190,8 @@ struct Watch {
     inner: Arc<Inner>,
     handle: tokio::runtime::Handle,
     probe: Probe,
+    /// How long the watchdog dozed since it last spawned a probe.
+    dozed: Duration,
     multi_thread: bool,
     cursors: HashMap<u64, usize>,
     workers: Vec<WorkerTrack>,
@@ -239,6 +279,7 @@ impl Watch {
         let logs = LogLimiter::new(inner.config.max_stall_logs_per_second);
         Watch {
             probe: Probe::new(inner.config.sample_interval),
+            dozed: Duration::ZERO,
             inner,
             handle,
             multi_thread,
@@ -259,11 +300,13 @@ impl Watch {
         }
     }
 
-    fn tick(&mut self) {
+    /// One tick. Returns whether the runtime looks idle enough to doze: every worker
+    /// parked, the probe's sample just taken, and no stall being tracked or finished.
+    fn tick(&mut self) -> bool {
         let anchor = Anchor::now();
         let now = anchor.raw;
         let instruments = &self.inner.instruments;
-        self.probe.tick(now, &self.handle, |seconds| {
+        let collected = self.probe.collect(now, |seconds| {
             instruments.delay.record(seconds, &instruments.attributes)
         });
         self.shut_down = self.shut_down || self.probe.runtime_shut_down();
@@ -289,6 +332,40 @@ impl Watch {
             self.log_suppressed(suppressed);
         }
         self.previous_tick = now;
+        collected == Collected::Sample
+            && !self.shut_down
+            && self.active.is_empty()
+            && self.finishing.is_empty()
+            && self.covers_all_workers(&slots)
+            && slots.iter().all(|slot| slot.snapshot().parked)
+    }
+
+    /// Every worker of the runtime has a registered slot (on a runtime that was not hooked,
+    /// none has: it never dozes).
+    fn covers_all_workers(&self, slots: &[Arc<Slot>]) -> bool {
+        !slots.is_empty()
+            && (0..self.workers.len())
+                .all(|index| slots.iter().any(|slot| slot.worker_index == Some(index)))
+    }
+
+    /// Every registered slot is parked, read after announcing a doze (see `doze.rs`).
+    fn all_parked(&self) -> bool {
+        let slots = self.inner.registry.live();
+        self.covers_all_workers(&slots) && slots.iter().all(|slot| slot.snapshot().parked)
+    }
+
+    /// Spawns the next probe, counting it for the intervals the watchdog dozed through.
+    fn spawn_probe(&mut self) {
+        let interval = self.inner.config.sample_interval.as_secs_f64();
+        let dozed = std::mem::take(&mut self.dozed).as_secs_f64();
+        let weight = 1.0 + (dozed / interval).round();
+        self.probe
+            .spawn(&self.handle, weight.min(f64::from(u32::MAX)) as u32);
+    }
+
+    /// The watchdog woke from a doze of `dozed`.
+    fn woke(&mut self, dozed: Duration) {
+        self.dozed = self.dozed.saturating_add(dozed);
     }
 
     /// Records on which worker each in-flight trace was last polled.
