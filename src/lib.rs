@@ -68,6 +68,7 @@ mod stack;
 mod symbolizer;
 mod sync;
 mod telemetry;
+mod victims;
 mod watchdog;
 
 pub use config::{

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::global::BoxedSpan;
-use opentelemetry::trace::{Span as _, SpanContext, SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 use crate::clock::{self, Anchor};
@@ -26,6 +26,7 @@ use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
+use crate::victims::{self, Marks, PendingGuard};
 use crate::{StallReport, StallState};
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
@@ -142,6 +143,8 @@ struct Active {
     next_report: Duration,
     task: Option<(u64, &'static std::panic::Location<'static>)>,
     diagnosis: Diagnosis,
+    /// Exact stalls: pending for the layer until the watchdog marks the victims.
+    pending: Option<PendingGuard>,
 }
 
 /// What the watchdog learned about the blocked thread's activity.
@@ -623,7 +626,15 @@ impl Watch {
     /// Stable builds, multi-thread runtime: a worker unparked, with frozen metrics and no
     /// instrumented poll, for the threshold, is stuck in an uninstrumented poll.
     fn detect_estimated(&mut self, slots: &[Arc<Slot>], now: u64, anchor: &Anchor) {
-        let threshold = self.inner.config.stall_threshold;
+        // `activity_since` is the first tick that saw the worker's last activity, up to an
+        // interval after it. Ticks land on a fixed grid, give or take the scheduler's jitter:
+        // without the half-interval allowance, a tick that lands a little early next to one
+        // that landed a little late postponed the detection by a whole interval.
+        let threshold = self
+            .inner
+            .config
+            .stall_threshold
+            .saturating_sub(self.inner.config.sample_interval / 2);
         for index in 0..self.workers.len() {
             let track = self.workers[index];
             let active_parked = track.metrics.0 % 2 == 1;
@@ -779,6 +790,25 @@ impl Watch {
         let span = tracer.build_with_context(builder, &parent);
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
+        let pending = match &source {
+            Source::Exact {
+                slot,
+                flagged_word,
+                flagged_at,
+            } if self.inner.config.max_victims > 0 => Some(PendingGuard::register(
+                Arc::clone(slot),
+                *flagged_word,
+                *flagged_at,
+                start,
+                start_time,
+                span_context.clone(),
+                info.as_ref()
+                    .and_then(|info| info.root.as_ref())
+                    .map(|root| root.token),
+                self.inner.config.max_victims,
+            )),
+            _ => None,
+        };
         let active = Active {
             id: self.next_stall_id,
             source,
@@ -791,6 +821,7 @@ impl Watch {
             next_report: elapsed.saturating_mul(2),
             task,
             diagnosis,
+            pending,
         };
         let report = self.report(&active, elapsed, StallState::InProgress);
         self.publish(&report, None);
@@ -846,45 +877,34 @@ impl Watch {
             .stall_duration
             .record(duration.as_secs_f64(), &attributes);
 
-        let (victims, dropped) = match (access, active.slot()) {
-            (Some(access), Some(slot)) if self.inner.config.max_victims > 0 => {
-                let exclude = active
+        let pending = active.pending.take();
+        let (victims, dropped) = match (access, active.slot(), pending) {
+            (Some(access), Some(slot), pending) if self.inner.config.max_victims > 0 => {
+                // Roots that closed since the stall ended were marked as they closed (see
+                // `victims`); mark the rest, under the same lock, then close the marks.
+                let culprit = active
                     .info
                     .as_ref()
                     .and_then(|info| info.root.as_ref())
                     .map(|root| root.token);
+                let mut own = Marks::default();
+                let mut guard = pending.as_ref().map(|pending| pending.marks());
+                let marks = guard.as_deref_mut().unwrap_or(&mut own);
                 let (roots, dropped) = layer::shared().victims(
                     slot.thread_uid,
                     end,
-                    exclude,
-                    self.inner.config.max_victims,
+                    |token| Some(token) == culprit || marks.contains(token),
+                    marks.room(self.inner.config.max_victims),
                 );
-                let start_time = active.start_time;
-                let mut marked = 0usize;
+                marks.add_dropped(dropped);
                 for root in &roots {
-                    let Some(context) = access.root_context(root) else {
-                        continue;
-                    };
-                    let span = context.span();
-                    span.add_event_with_timestamp(
-                        names::VICTIM_EVENT,
-                        start_time,
-                        vec![
-                            KeyValue::new(names::VICTIM_DURATION, duration.as_secs_f64()),
-                            KeyValue::new(
-                                names::VICTIM_TRACE_ID,
-                                active.span_context.trace_id().to_string(),
-                            ),
-                            KeyValue::new(
-                                names::VICTIM_SPAN_ID,
-                                active.span_context.span_id().to_string(),
-                            ),
-                        ],
-                    );
-                    span.add_link(active.span_context.clone(), Vec::new());
-                    marked += 1;
+                    if let Some(context) = access.root_context(root) {
+                        victims::mark(&context, &active.span_context, active.start_time, duration);
+                        marks.insert(root.token);
+                    }
                 }
-                (marked, dropped)
+                marks.close();
+                (marks.marked(), marks.dropped())
             }
             _ => (0, 0),
         };
