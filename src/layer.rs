@@ -275,6 +275,12 @@ impl SpanAccess {
     pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
         close_gate::while_no_span_closes(|| (self.lookups.root_context)(&self.dispatch, root))
     }
+
+    /// The OpenTelemetry context of a root, asked from its own `on_close`: the span cannot
+    /// finish closing meanwhile, so no gate is needed.
+    fn closing_root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
+        (self.lookups.root_context)(&self.dispatch, root)
+    }
 }
 
 fn span_id(id: u64) -> Option<Id> {
@@ -411,7 +417,7 @@ where
                 .get::<RootMark>()
                 .map(|mark| Arc::clone(&mark.0));
             if let Some(root) = root {
-                victims::root_closing(&root, || shared().access()?.root_context(&root));
+                victims::root_closing(&root, || shared().access()?.closing_root_context(&root));
             }
         }
         close_gate::mark(|| span.extensions_mut().insert(Closing));
