@@ -29,19 +29,18 @@ use crate::telemetry as names;
 pub(crate) struct Pending {
     /// The stalled worker: its slot, the flagged activity word and when it was flagged,
     /// which give the stall's end once the owner publishes it.
-    slot: Arc<Slot>,
-    flagged_word: u64,
-    flagged_at: u64,
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) flagged_word: u64,
+    pub(crate) flagged_at: u64,
     /// Raw clock and wall-clock time of the stall's start.
-    start: u64,
-    start_time: SystemTime,
+    pub(crate) start: u64,
+    pub(crate) start_time: SystemTime,
     /// The stall span.
-    stall: SpanContext,
+    pub(crate) stall: SpanContext,
     /// The culprit's own root, never its own victim.
-    exclude: Option<u64>,
+    pub(crate) exclude: Option<u64>,
     /// `max_victims`.
-    limit: usize,
-    marks: Mutex<Marks>,
+    pub(crate) limit: usize,
 }
 
 /// Who has been marked for one pending stall.
@@ -92,10 +91,16 @@ impl Marks {
     }
 }
 
+/// A pending stall and its marks.
+struct Entry {
+    stall: Pending,
+    marks: Mutex<Marks>,
+}
+
 struct Registry {
     /// How many stalls are pending: the layer's fast path.
     count: AtomicUsize,
-    list: Mutex<Vec<Arc<Pending>>>,
+    list: Mutex<Vec<Arc<Entry>>>,
 }
 
 fn registry() -> &'static Registry {
@@ -114,30 +119,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Keeps a stall pending until dropped.
-pub(crate) struct PendingGuard(Arc<Pending>);
+pub(crate) struct PendingGuard(Arc<Entry>);
 
 impl PendingGuard {
     /// Makes an exact stall pending.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn register(
-        slot: Arc<Slot>,
-        flagged_word: u64,
-        flagged_at: u64,
-        start: u64,
-        start_time: SystemTime,
-        stall: SpanContext,
-        exclude: Option<u64>,
-        limit: usize,
-    ) -> Self {
-        let pending = Arc::new(Pending {
-            slot,
-            flagged_word,
-            flagged_at,
-            start,
-            start_time,
+    pub(crate) fn register(stall: Pending) -> Self {
+        let pending = Arc::new(Entry {
             stall,
-            exclude,
-            limit,
             marks: Mutex::new(Marks::default()),
         });
         let registry = registry();
@@ -177,8 +165,9 @@ pub(crate) fn root_closing(
     root: &RootInfo,
     mut context: impl FnMut() -> Option<opentelemetry::Context>,
 ) {
-    let pending: Vec<Arc<Pending>> = lock(&registry().list).clone();
-    for stall in pending {
+    let pending: Vec<Arc<Entry>> = lock(&registry().list).clone();
+    for entry in pending {
+        let stall = &entry.stall;
         if Some(root.token) == stall.exclude || !root.waited_on(stall.slot.thread_uid) {
             continue;
         }
@@ -189,7 +178,7 @@ pub(crate) fn root_closing(
         if root.created_at >= end {
             continue;
         }
-        let mut marks = lock(&stall.marks);
+        let mut marks = lock(&entry.marks);
         if marks.closed || marks.contains(root.token) {
             continue;
         }

@@ -26,7 +26,7 @@ use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
-use crate::victims::{self, Marks, PendingGuard};
+use crate::victims::{self, Marks, Pending, PendingGuard};
 use crate::{StallReport, StallState};
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
@@ -795,18 +795,19 @@ impl Watch {
                 slot,
                 flagged_word,
                 flagged_at,
-            } if self.inner.config.max_victims > 0 => Some(PendingGuard::register(
-                Arc::clone(slot),
-                *flagged_word,
-                *flagged_at,
+            } if self.inner.config.max_victims > 0 => Some(PendingGuard::register(Pending {
+                slot: Arc::clone(slot),
+                flagged_word: *flagged_word,
+                flagged_at: *flagged_at,
                 start,
                 start_time,
-                span_context.clone(),
-                info.as_ref()
+                stall: span_context.clone(),
+                exclude: info
+                    .as_ref()
                     .and_then(|info| info.root.as_ref())
                     .map(|root| root.token),
-                self.inner.config.max_victims,
-            )),
+                limit: self.inner.config.max_victims,
+            })),
             _ => None,
         };
         let active = Active {
