@@ -2,9 +2,11 @@
 //! nothing to do) over a fixed period, with looplag's watchdog at a 10 ms sample interval,
 //! with the seed-style sleep watchdog at 10 ms, and with neither; alternated.
 //!
-//! Two numbers per variant: the watchdog thread's own CPU time (from
-//! `/proc/self/task/<tid>/schedstat`, in ns) and the whole process's CPU time
-//! (`getrusage`), which also counts the workers waking up to run the delay probe.
+//! Per variant: the watchdog thread's own CPU time (from `/proc/self/task/<tid>/schedstat`,
+//! in ns) and how often it went to sleep (`voluntary_ctxt_switches` in its `status`), and
+//! the whole process's CPU time (`getrusage`), which also counts the workers waking up to
+//! run the delay probe. looplag's watchdog dozes while the runtime idles (`src/doze.rs`),
+//! so it wakes far less often than every 10 ms here.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -34,6 +36,16 @@ fn thread_named(name: &str) -> Option<String> {
             let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
             (comm.trim() == name).then(|| entry.file_name().to_string_lossy().into_owned())
         })
+}
+
+/// How many times thread `tid` of this process went to sleep (voluntary context switches).
+fn thread_sleeps(tid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time of thread `tid` of this process, in ns precision.
@@ -97,6 +109,7 @@ fn main() {
     let mut process: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut watchdog_thread: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut ticks: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut wakes: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
         for k in 0..variants.len() {
             let index = if round % 2 == 0 {
@@ -137,6 +150,7 @@ fn main() {
                 _ => None,
             };
             let thread_before = tid.as_deref().map(thread_cpu);
+            let sleeps_before = tid.as_deref().map(thread_sleeps);
             let before = process_cpu();
             let started = Instant::now();
             pause(period);
@@ -147,6 +161,8 @@ fn main() {
                 let thread_used = thread_cpu(tid).saturating_sub(thread_before);
                 watchdog_thread[index].push(thread_used.as_secs_f64() / wall.as_secs_f64() * 100.0);
                 ticks[index].push(thread_used.as_secs_f64() * 1e6 / (wall.as_secs_f64() / 0.010));
+                let slept = thread_sleeps(tid).saturating_sub(sleeps_before.unwrap_or(0));
+                wakes[index].push(slept as f64 / wall.as_secs_f64());
             }
             if let Some(bare) = bare {
                 bare_stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -160,20 +176,21 @@ fn main() {
         }
     }
     let baseline = median(&mut process[0].clone());
-    println!("| variant | process CPU, % of one core | added over no watchdog | watchdog thread CPU, % of one core | per 10 ms tick |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| variant | process CPU, % of one core | added over no watchdog | watchdog thread CPU, % of one core | watchdog CPU per 10 ms | watchdog wake-ups per second |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for (index, variant) in variants.iter().enumerate() {
         let p = median(&mut process[index]);
-        let (thread, tick) = if !watchdog_thread[index].is_empty() {
+        let (thread, tick, woke) = if !watchdog_thread[index].is_empty() {
             (
                 format!("{:.3}", median(&mut watchdog_thread[index])),
                 format!("{:.1} µs", median(&mut ticks[index])),
+                format!("{:.0}", median(&mut wakes[index])),
             )
         } else {
-            ("–".to_string(), "–".to_string())
+            ("–".to_string(), "–".to_string(), "–".to_string())
         };
         println!(
-            "| {} | {p:.3} | {:+.3} | {thread} | {tick} |",
+            "| {} | {p:.3} | {:+.3} | {thread} | {tick} | {woke} |",
             variant.name(),
             p - baseline
         );

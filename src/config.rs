@@ -203,7 +203,10 @@ impl Builder {
     /// Sets how often the watchdog wakes up to scan the workers and inject a delay probe.
     ///
     /// Shorter intervals detect stalls sooner and sample delay more often, for a little more
-    /// CPU on the watchdog thread. Accepted: 1 ms to 1 s. Environment:
+    /// CPU on the watchdog thread. While every worker of a hooked runtime is parked, the
+    /// watchdog wakes only every 20 intervals (the first worker to unpark wakes it at once,
+    /// so stalls are detected as promptly), and each delay sample then counts for the
+    /// intervals it stands for. Accepted: 1 ms to 1 s. Environment:
     /// `LOOPLAG_SAMPLE_INTERVAL` (e.g. `10ms`). By default, 10 ms.
     pub fn sample_interval(self, interval: Duration) -> Self {
         Builder {

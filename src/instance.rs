@@ -9,6 +9,7 @@ use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Meter;
 
 use crate::config::{Builder, Config, StallCallback};
+use crate::doze::Doze;
 use crate::layer::LoopLagLayer;
 use crate::slots::Registry;
 use crate::telemetry::{self, Instruments};
@@ -53,6 +54,8 @@ pub(crate) struct Inner {
     pub(crate) tracer: BoxedTracer,
     pub(crate) on_stall: Option<StallCallback>,
     pub(crate) registry: Registry,
+    /// The watchdog's idle sleep, woken by the unpark hook.
+    pub(crate) doze: Doze,
     pub(crate) hooked: AtomicBool,
     running: AtomicBool,
 }
@@ -89,6 +92,7 @@ impl LoopLag {
                 tracer: tracer.unwrap_or_else(telemetry::default_tracer),
                 on_stall,
                 registry: Registry::new(NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)),
+                doze: Doze::new(),
                 hooked: AtomicBool::new(false),
                 running: AtomicBool::new(false),
             }),
@@ -209,7 +213,10 @@ impl LoopLag {
     pub fn unpark_hook(&self) -> impl Fn() + Send + Sync + 'static {
         self.inner.hooked.store(true, Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
-        move || inner.registry.with_slot(|slot| slot.unpark())
+        move || {
+            inner.registry.with_slot(|slot| slot.unpark());
+            inner.doze.worker_unparked();
+        }
     }
 
     /// Starts the watchdog thread and the delay probe for the runtime behind `handle`.

@@ -22,6 +22,7 @@ use tracing_subscriber::Layer;
 
 use crate::close_gate::{self, Closing};
 use crate::slots;
+use crate::victims;
 
 /// The `tracing` layer of looplag; get one from [`LoopLag::layer`](crate::LoopLag::layer).
 ///
@@ -227,20 +228,20 @@ impl Shared {
     }
 
     /// The in-flight local roots, created before `ended`, that waited on worker thread
-    /// `thread`, except `exclude`, at most `limit` of them; also returns how many more there
-    /// were.
+    /// `thread`, except those whose token `exclude` picks, at most `limit` of them; also
+    /// returns how many more there were.
     pub(crate) fn victims(
         &self,
         thread: u64,
         ended: u64,
-        exclude: Option<u64>,
+        exclude: impl Fn(u64) -> bool,
         limit: usize,
     ) -> (Vec<Arc<RootInfo>>, usize) {
         let roots = lock(&self.roots);
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
         for root in roots.live() {
-            if Some(root.token) == exclude || root.created_at >= ended || !root.waited_on(thread) {
+            if exclude(root.token) || root.created_at >= ended || !root.waited_on(thread) {
                 continue;
             }
             if chosen.len() < limit {
@@ -273,6 +274,12 @@ impl SpanAccess {
     /// The OpenTelemetry context of an in-flight root, if it is still open.
     pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
         close_gate::while_no_span_closes(|| (self.lookups.root_context)(&self.dispatch, root))
+    }
+
+    /// The OpenTelemetry context of a root, asked from its own `on_close`: the span cannot
+    /// finish closing meanwhile, so no gate is needed.
+    fn closing_root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
+        (self.lookups.root_context)(&self.dispatch, root)
     }
 }
 
@@ -396,12 +403,23 @@ where
         slots::with_current(|slot| slot.exit(id.into_u64()));
     }
 
-    /// Marks the span closing for the watchdog (see `close_gate`). A closing root needs
-    /// nothing else: its entry in the root table dies with its extensions.
+    /// Marks the span closing for the watchdog (see `close_gate`). A closing root is first
+    /// marked as the victim of any stall it waited on that the watchdog has not finished
+    /// yet (see `victims`; one relaxed load when there is none); its entry in the root table
+    /// dies with its extensions.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else {
             return;
         };
+        if victims::any_pending() {
+            let root = span
+                .extensions()
+                .get::<RootMark>()
+                .map(|mark| Arc::clone(&mark.0));
+            if let Some(root) = root {
+                victims::root_closing(&root, || shared().access()?.closing_root_context(&root));
+            }
+        }
         close_gate::mark(|| span.extensions_mut().insert(Closing));
     }
 }

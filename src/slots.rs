@@ -339,6 +339,7 @@ impl Slot {
     }
 
     /// The worker woke up; polls start from the current span depth.
+    /// The unpark hook then checks whether the watchdog dozes (`doze.rs`).
     #[inline]
     pub(crate) fn unpark(&self) {
         self.base

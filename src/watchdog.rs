@@ -11,29 +11,37 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::global::BoxedSpan;
-use opentelemetry::trace::{Span as _, SpanContext, SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 use crate::clock::{self, Anchor};
 use crate::config::StackSupport;
 use crate::diagnosis::{self, StallKind};
+use crate::doze::IDLE_SAMPLE_INTERVALS;
 use crate::instance::Inner;
 use crate::layer::{self, SpanAccess, SpanInfo};
-use crate::probe::Probe;
+use crate::probe::{Collected, Probe};
 use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Slot, FLAGGED};
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
+use crate::victims::{self, Marks, Pending, PendingGuard};
 use crate::{StallReport, StallState};
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
 const UNHOOKED_GRACE: Duration = Duration::from_secs(2);
 
 /// The watchdog thread's main loop; returns when `stop` is set.
+///
+/// Ticks every sample interval on a fixed grid. After a tick that found the runtime idle
+/// (every worker parked) it dozes instead, for `IDLE_SAMPLE_INTERVALS` intervals or until a
+/// worker unparks (see `doze.rs`), then ticks at once.
 pub(crate) fn run(inner: Arc<Inner>, handle: tokio::runtime::Handle, stop: Arc<AtomicBool>) {
     let interval = inner.config.sample_interval;
-    let mut watch = Watch::new(inner, handle);
+    let idle_sleep = interval.saturating_mul(IDLE_SAMPLE_INTERVALS);
+    inner.doze.set_watchdog(Some(std::thread::current()));
+    let mut watch = Watch::new(Arc::clone(&inner), handle);
     let mut next = Instant::now() + interval;
     let mut tick_panicked = false;
     while !stop.load(Ordering::Acquire) {
@@ -47,15 +55,46 @@ pub(crate) fn run(inner: Arc<Inner>, handle: tokio::runtime::Handle, stop: Arc<A
             next = now + interval;
         }
         let ticked = panic::catch_unwind(AssertUnwindSafe(|| watch.tick()));
-        if ticked.is_err() && !tick_panicked {
-            tick_panicked = true;
-            tracing::error!(
-                target: "looplag",
-                "looplag's watchdog recovered from a panic; please report this bug"
-            );
+        let idle = match ticked {
+            Ok(idle) => idle,
+            Err(_) => {
+                if !tick_panicked {
+                    tick_panicked = true;
+                    tracing::error!(
+                        target: "looplag",
+                        "looplag's watchdog recovered from a panic; please report this bug"
+                    );
+                }
+                false
+            }
+        };
+        if idle && inner.doze.begin(|| watch.all_parked()) {
+            let dozed = doze(&inner, &stop, idle_sleep);
+            watch.woke(dozed);
+            next = Instant::now();
+        } else {
+            watch.spawn_probe();
         }
     }
+    inner.doze.end();
+    inner.doze.set_watchdog(None);
     let _ = panic::catch_unwind(AssertUnwindSafe(|| watch.finish()));
+}
+
+/// Sleeps until `idle_sleep` has passed, a worker unparks or `stop` is set; returns how long
+/// it slept.
+fn doze(inner: &Inner, stop: &AtomicBool, idle_sleep: Duration) -> Duration {
+    let began = Instant::now();
+    let until = began + idle_sleep;
+    loop {
+        let now = Instant::now();
+        if now >= until || !inner.doze.dozing() || stop.load(Ordering::Acquire) {
+            break;
+        }
+        std::thread::park_timeout(until - now);
+    }
+    inner.doze.end();
+    began.elapsed()
 }
 
 /// Per tokio worker: when its published metrics last changed.
@@ -104,6 +143,8 @@ struct Active {
     next_report: Duration,
     task: Option<(u64, &'static std::panic::Location<'static>)>,
     diagnosis: Diagnosis,
+    /// Exact stalls: pending for the layer until the watchdog marks the victims.
+    pending: Option<PendingGuard>,
 }
 
 /// What the watchdog learned about the blocked thread's activity.
@@ -152,6 +193,8 @@ struct Watch {
     inner: Arc<Inner>,
     handle: tokio::runtime::Handle,
     probe: Probe,
+    /// How long the watchdog dozed since it last spawned a probe.
+    dozed: Duration,
     multi_thread: bool,
     cursors: HashMap<u64, usize>,
     workers: Vec<WorkerTrack>,
@@ -239,6 +282,7 @@ impl Watch {
         let logs = LogLimiter::new(inner.config.max_stall_logs_per_second);
         Watch {
             probe: Probe::new(inner.config.sample_interval),
+            dozed: Duration::ZERO,
             inner,
             handle,
             multi_thread,
@@ -259,11 +303,13 @@ impl Watch {
         }
     }
 
-    fn tick(&mut self) {
+    /// One tick. Returns whether the runtime looks idle enough to doze: every worker
+    /// parked, the probe's sample just taken, and no stall being tracked or finished.
+    fn tick(&mut self) -> bool {
         let anchor = Anchor::now();
         let now = anchor.raw;
         let instruments = &self.inner.instruments;
-        self.probe.tick(now, &self.handle, |seconds| {
+        let collected = self.probe.collect(now, |seconds| {
             instruments.delay.record(seconds, &instruments.attributes)
         });
         self.shut_down = self.shut_down || self.probe.runtime_shut_down();
@@ -289,6 +335,40 @@ impl Watch {
             self.log_suppressed(suppressed);
         }
         self.previous_tick = now;
+        collected == Collected::Sample
+            && !self.shut_down
+            && self.active.is_empty()
+            && self.finishing.is_empty()
+            && self.covers_all_workers(&slots)
+            && slots.iter().all(|slot| slot.snapshot().parked)
+    }
+
+    /// Every worker of the runtime has a registered slot (on a runtime that was not hooked,
+    /// none has: it never dozes).
+    fn covers_all_workers(&self, slots: &[Arc<Slot>]) -> bool {
+        !slots.is_empty()
+            && (0..self.workers.len())
+                .all(|index| slots.iter().any(|slot| slot.worker_index == Some(index)))
+    }
+
+    /// Every registered slot is parked, read after announcing a doze (see `doze.rs`).
+    fn all_parked(&self) -> bool {
+        let slots = self.inner.registry.live();
+        self.covers_all_workers(&slots) && slots.iter().all(|slot| slot.snapshot().parked)
+    }
+
+    /// Spawns the next probe, counting it for the intervals the watchdog dozed through.
+    fn spawn_probe(&mut self) {
+        let interval = self.inner.config.sample_interval.as_secs_f64();
+        let dozed = std::mem::take(&mut self.dozed).as_secs_f64();
+        let weight = 1.0 + (dozed / interval).round();
+        self.probe
+            .spawn(&self.handle, weight.min(f64::from(u32::MAX)) as u32);
+    }
+
+    /// The watchdog woke from a doze of `dozed`.
+    fn woke(&mut self, dozed: Duration) {
+        self.dozed = self.dozed.saturating_add(dozed);
     }
 
     /// Records on which worker each in-flight trace was last polled.
@@ -546,7 +626,15 @@ impl Watch {
     /// Stable builds, multi-thread runtime: a worker unparked, with frozen metrics and no
     /// instrumented poll, for the threshold, is stuck in an uninstrumented poll.
     fn detect_estimated(&mut self, slots: &[Arc<Slot>], now: u64, anchor: &Anchor) {
-        let threshold = self.inner.config.stall_threshold;
+        // `activity_since` is the first tick that saw the worker's last activity, up to an
+        // interval after it. Ticks land on a fixed grid, give or take the scheduler's jitter:
+        // without the half-interval allowance, a tick that lands a little early next to one
+        // that landed a little late postponed the detection by a whole interval.
+        let threshold = self
+            .inner
+            .config
+            .stall_threshold
+            .saturating_sub(self.inner.config.sample_interval / 2);
         for index in 0..self.workers.len() {
             let track = self.workers[index];
             let active_parked = track.metrics.0 % 2 == 1;
@@ -702,6 +790,26 @@ impl Watch {
         let span = tracer.build_with_context(builder, &parent);
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
+        let pending = match &source {
+            Source::Exact {
+                slot,
+                flagged_word,
+                flagged_at,
+            } if self.inner.config.max_victims > 0 => Some(PendingGuard::register(Pending {
+                slot: Arc::clone(slot),
+                flagged_word: *flagged_word,
+                flagged_at: *flagged_at,
+                start,
+                start_time,
+                stall: span_context.clone(),
+                exclude: info
+                    .as_ref()
+                    .and_then(|info| info.root.as_ref())
+                    .map(|root| root.token),
+                limit: self.inner.config.max_victims,
+            })),
+            _ => None,
+        };
         let active = Active {
             id: self.next_stall_id,
             source,
@@ -714,6 +822,7 @@ impl Watch {
             next_report: elapsed.saturating_mul(2),
             task,
             diagnosis,
+            pending,
         };
         let report = self.report(&active, elapsed, StallState::InProgress);
         self.publish(&report, None);
@@ -769,45 +878,34 @@ impl Watch {
             .stall_duration
             .record(duration.as_secs_f64(), &attributes);
 
-        let (victims, dropped) = match (access, active.slot()) {
-            (Some(access), Some(slot)) if self.inner.config.max_victims > 0 => {
-                let exclude = active
+        let pending = active.pending.take();
+        let (victims, dropped) = match (access, active.slot(), pending) {
+            (Some(access), Some(slot), pending) if self.inner.config.max_victims > 0 => {
+                // Roots that closed since the stall ended were marked as they closed (see
+                // `victims`); mark the rest, under the same lock, then close the marks.
+                let culprit = active
                     .info
                     .as_ref()
                     .and_then(|info| info.root.as_ref())
                     .map(|root| root.token);
+                let mut own = Marks::default();
+                let mut guard = pending.as_ref().map(|pending| pending.marks());
+                let marks = guard.as_deref_mut().unwrap_or(&mut own);
                 let (roots, dropped) = layer::shared().victims(
                     slot.thread_uid,
                     end,
-                    exclude,
-                    self.inner.config.max_victims,
+                    |token| Some(token) == culprit || marks.contains(token),
+                    marks.room(self.inner.config.max_victims),
                 );
-                let start_time = active.start_time;
-                let mut marked = 0usize;
+                marks.add_dropped(dropped);
                 for root in &roots {
-                    let Some(context) = access.root_context(root) else {
-                        continue;
-                    };
-                    let span = context.span();
-                    span.add_event_with_timestamp(
-                        names::VICTIM_EVENT,
-                        start_time,
-                        vec![
-                            KeyValue::new(names::VICTIM_DURATION, duration.as_secs_f64()),
-                            KeyValue::new(
-                                names::VICTIM_TRACE_ID,
-                                active.span_context.trace_id().to_string(),
-                            ),
-                            KeyValue::new(
-                                names::VICTIM_SPAN_ID,
-                                active.span_context.span_id().to_string(),
-                            ),
-                        ],
-                    );
-                    span.add_link(active.span_context.clone(), Vec::new());
-                    marked += 1;
+                    if let Some(context) = access.root_context(root) {
+                        victims::mark(&context, &active.span_context, active.start_time, duration);
+                        marks.insert(root.token);
+                    }
                 }
-                (marked, dropped)
+                marks.close();
+                (marks.marked(), marks.dropped())
             }
             _ => (0, 0),
         };

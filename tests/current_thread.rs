@@ -147,3 +147,62 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
         vec![("tokio.runtime.name".to_string(), "main".to_string())]
     );
 }
+
+/// `max_victims` caps the victim events per stall, whoever marks them: three waiters finish
+/// the moment the stall ends (marked by looplag's layer as their spans close), two long
+/// after (marked by the watchdog). With a cap of 2, exactly two get the event and the stall
+/// counts the other three as dropped.
+#[test]
+fn max_victims_caps_the_events_and_counts_the_rest() {
+    let h = harness(|b| b.max_victims(2));
+    let runtime = current_thread(&h.looplag);
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+
+    runtime.block_on(async {
+        let waiters: Vec<_> = (0..5u64)
+            .map(|i| {
+                let ms = if i < 3 { 50 } else { 700 };
+                tokio::spawn(
+                    async move { tokio::time::sleep(Duration::from_millis(ms)).await }
+                        .instrument(tracing::info_span!("waiter", i)),
+                )
+            })
+            .collect();
+        // Let every waiter be polled once, and the watchdog see it, before the stall.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::spawn(
+            async { std::thread::sleep(Duration::from_millis(300)) }
+                .instrument(tracing::info_span!("culprit")),
+        )
+        .await
+        .unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
+        "{:#?}",
+        h.reports()
+    );
+    drop(watchdog);
+
+    let ended = &h.ended_reports()[0];
+    assert_eq!((ended.victims, ended.victims_dropped), (2, 3), "{ended:#?}");
+    let stall = &h.stall_spans()[0];
+    assert_eq!(
+        attr(stall, "tokio.eventloop.stall.victims"),
+        Some(Value::I64(2))
+    );
+    assert_eq!(
+        attr(stall, "tokio.eventloop.stall.victims_dropped"),
+        Some(Value::I64(3))
+    );
+    let marked = h
+        .finished_spans()
+        .iter()
+        .filter(|s| s.name == "waiter")
+        .filter(|s| s.events.iter().any(|e| e.name == "tokio.eventloop.stall"))
+        .count();
+    assert_eq!(marked, 2, "two waiters carry the victim event");
+}
