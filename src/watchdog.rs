@@ -846,12 +846,18 @@ impl Watch {
                 // the whole stall.
                 let used = cpu_end.saturating_sub(cpu0).min(wall);
                 // Time spent runnable but waiting for a CPU counts as CPU-bound: on a busy
-                // machine a spinning thread is not always on a core.
+                // machine a spinning thread is not always on a core. Only the wait before
+                // the stall's end counts: the thread may have queued for a CPU again between
+                // the end and now (up to `now - end`), running the next polls, which is not
+                // this stall's; counting it made a sleeping thread look `mixed` on a loaded
+                // machine.
                 let waiting_share = active.diagnosis.run_delay.and_then(|(delay0, at0)| {
                     let tid = active.slot()?.stack_target.tid();
                     let now = clock::raw();
-                    let delay = diagnosis::run_delay(tid)?.saturating_sub(delay0);
-                    let span = clock::delta(at0, now);
+                    let delay = diagnosis::run_delay(tid)?
+                        .saturating_sub(delay0)
+                        .saturating_sub(clock::delta(end, now));
+                    let span = clock::delta(at0, end);
                     (span > Duration::ZERO).then(|| delay.as_secs_f64() / span.as_secs_f64())
                 });
                 let share = (used.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0);
