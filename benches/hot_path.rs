@@ -80,6 +80,42 @@ fn new_child(dispatch: &Dispatch) -> f64 {
     })
 }
 
+/// The span work of one HTTP request as tower-http's `TraceLayer` and a handler's
+/// `#[instrument]` produce it (the counts measured in the server benchmark): a root span
+/// polled three times (three enters at the poll boundary), a child span entered twice inside
+/// the last poll, both closed. Measured under subscribers that also carry
+/// `tracing-opentelemetry`'s layer, as in a real service: its extensions are there, and
+/// each closed span is built into an OpenTelemetry span (the tracer has no processor, so
+/// nothing is exported).
+fn request(dispatch: &Dispatch) -> f64 {
+    tracing::dispatcher::with_default(dispatch, || {
+        per_op_n(REQUEST_BATCH, || {
+            let root = tracing::info_span!("request");
+            drop(black_box(root.enter()));
+            drop(black_box(root.enter()));
+            let poll = root.enter();
+            let child = tracing::info_span!("handler");
+            drop(black_box(child.enter()));
+            drop(black_box(child.enter()));
+            drop(child);
+            drop(poll);
+            drop(black_box(root));
+        })
+    })
+}
+
+/// Requests per batch: one request costs about 2 µs under these subscribers.
+const REQUEST_BATCH: u64 = 1_000;
+
+/// Nanoseconds per call of `f`, over `n` calls.
+fn per_op_n(n: u64, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
 /// Enter+exit of a span inside an entered one: no poll boundary.
 fn nested(dispatch: &Dispatch) -> f64 {
     tracing::dispatcher::with_default(dispatch, || {
@@ -174,23 +210,57 @@ const OPERATIONS: [(&str, Measure); 5] = [
 
 /// Rounds of batches of every operation under the three subscribers.
 fn measure_spans(rounds: usize, subscribers: &Subscribers, thread: &str) -> Vec<Row> {
-    let mut samples: Vec<Samples> = OPERATIONS.iter().map(|_| Samples::default()).collect();
+    measure(rounds, subscribers, thread, &OPERATIONS)
+}
+
+/// Rounds of batches of `operations` under the three subscribers.
+fn measure(
+    rounds: usize,
+    subscribers: &Subscribers,
+    thread: &str,
+    operations: &[(&str, Measure)],
+) -> Vec<Row> {
+    let mut samples: Vec<Samples> = operations.iter().map(|_| Samples::default()).collect();
     // Warm up caches, the allocator and the registry's slab.
     for round in 0..3 {
-        for (_, operation) in OPERATIONS {
-            three(round, subscribers, operation);
+        for (_, operation) in operations {
+            three(round, subscribers, *operation);
         }
     }
     for round in 0..rounds {
-        for (i, (_, operation)) in OPERATIONS.iter().enumerate() {
+        for (i, (_, operation)) in operations.iter().enumerate() {
             samples[i].push(three(round, subscribers, *operation));
         }
     }
     samples
         .iter_mut()
-        .zip(OPERATIONS)
+        .zip(operations)
         .map(|(samples, (label, _))| samples.row(&format!("{thread} / {label}")))
         .collect()
+}
+
+/// The same three subscribers, each with `tracing-opentelemetry`'s layer added last (after
+/// looplag's, as documented), over a tracer with no span processor.
+fn dispatches_with_otel(looplag: &LoopLag) -> Subscribers {
+    use opentelemetry::trace::TracerProvider as _;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let tracer = provider.tracer("bench");
+    Subscribers {
+        registry: Dispatch::new(
+            tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(tracer.clone())),
+        ),
+        empty_layer: Dispatch::new(
+            tracing_subscriber::registry()
+                .with(EmptyLayer)
+                .with(tracing_opentelemetry::layer().with_tracer(tracer.clone())),
+        ),
+        looplag: Dispatch::new(
+            tracing_subscriber::registry()
+                .with(looplag.layer())
+                .with(tracing_opentelemetry::layer().with_tracer(tracer)),
+        ),
+    }
 }
 
 /// Runs a task that blocks inside a span for longer than the threshold and waits for its
@@ -276,6 +346,7 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
     let subscribers = dispatches(&looplag);
+    let with_otel = dispatches_with_otel(&looplag);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(1).enable_all();
     looplag.hook_runtime(&mut builder);
@@ -283,7 +354,16 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let watchdog = looplag.start(runtime.handle()).expect("start");
     let result = runtime
         .block_on(runtime.spawn(async move {
-            let rows = measure_spans(rounds, &subscribers, "multi-thread worker (in a task)");
+            let mut rows = measure_spans(rounds, &subscribers, "multi-thread worker (in a task)");
+            rows.extend(measure(
+                rounds,
+                &with_otel,
+                "multi-thread worker (in a task), with tracing-opentelemetry",
+                &[(
+                    "one request: root + child span, 3 boundary + 2 nested enters",
+                    request,
+                )],
+            ));
             let registered = check_registered(&reports)
                 .with_subscriber(subscribers.looplag.clone())
                 .await;

@@ -3,7 +3,7 @@
 //!
 //! Enter and exit do one thread-local read and a few atomic stores on runtime worker
 //! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
-//! created, never on enter/exit; a closing span is only marked for the watchdog
+//! created, never on enter/exit; a closing span is only announced to the watchdog
 //! (`close_gate`), and its root entry dies by itself (see [`Roots`]). The watchdog reaches
 //! span data through the [`Dispatch`] the layer was registered with, using lookup functions
 //! monomorphised for the subscriber type (the same technique `tracing-opentelemetry` uses
@@ -83,8 +83,10 @@ struct Roots {
 }
 
 impl Roots {
-    /// Size below which the table is never pruned.
-    const PRUNE_MIN: usize = 1024;
+    /// Size below which the table is never pruned. Small: dead entries keep their
+    /// `RootInfo` allocation (a `Weak` holds it), and a table of a thousand such entries cost
+    /// every request cache misses (`new root span + close` +120 ns at 1024, +76 ns at 128).
+    const PRUNE_MIN: usize = 128;
 
     fn new() -> Self {
         Roots {
@@ -171,7 +173,7 @@ pub(crate) struct SpanInfo {
 struct Lookups {
     span_info: fn(&Dispatch, u64) -> Option<SpanInfo>,
     root_of: fn(&Dispatch, u64) -> Option<Arc<RootInfo>>,
-    root_context: fn(&Dispatch, &RootInfo) -> Option<opentelemetry::Context>,
+    root_context: fn(&Dispatch, &RootInfo, bool) -> Option<opentelemetry::Context>,
 }
 
 impl Lookups {
@@ -273,13 +275,15 @@ impl SpanAccess {
 
     /// The OpenTelemetry context of an in-flight root, if it is still open.
     pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
-        close_gate::while_no_span_closes(|| (self.lookups.root_context)(&self.dispatch, root))
+        close_gate::while_no_span_closes(|| {
+            (self.lookups.root_context)(&self.dispatch, root, false)
+        })
     }
 
     /// The OpenTelemetry context of a root, asked from its own `on_close`: the span cannot
     /// finish closing meanwhile, so no gate is needed.
     fn closing_root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
-        (self.lookups.root_context)(&self.dispatch, root)
+        (self.lookups.root_context)(&self.dispatch, root, true)
     }
 }
 
@@ -292,6 +296,10 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let subscriber = dispatch.downcast_ref::<S>()?;
+    // `get_otel_context` looks the span up again and panics if it is gone: only ask about
+    // a span that is not closing (see `close_gate`: the caller holds the gate, and the
+    // closers' announcements are read before the registry lookup).
+    let announced = close_gate::may_be_closing(id);
     let id = span_id(id)?;
     // Holding `span` keeps the registry slot, so `id` cannot be reused meanwhile.
     let span = subscriber.span(&id)?;
@@ -300,10 +308,8 @@ where
             .get::<RootMark>()
             .map(|m| Arc::clone(&m.0))
     });
-    // `get_otel_context` looks the span up again and panics if it is gone: only ask about
-    // a span that is not closing (see `close_gate`; the caller holds the gate). No
-    // extensions are held during the call: it locks them.
-    let closing = span.extensions().get::<Closing>().is_some();
+    // No extensions are held during `get_otel_context`: it locks them.
+    let closing = announced || span.extensions().get::<Closing>().is_some();
     let context = if closing {
         None
     } else {
@@ -330,11 +336,21 @@ where
     extensions.get::<RootMark>().map(|mark| Arc::clone(&mark.0))
 }
 
-fn root_context<S>(dispatch: &Dispatch, root: &RootInfo) -> Option<opentelemetry::Context>
+/// The OpenTelemetry context of an in-flight root. `own_close`: asked from the root's own
+/// `on_close`, where it cannot finish closing meanwhile; otherwise the caller holds the close
+/// gate and the closers' announcements are read first (see `close_gate`).
+fn root_context<S>(
+    dispatch: &Dispatch,
+    root: &RootInfo,
+    own_close: bool,
+) -> Option<opentelemetry::Context>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let subscriber = dispatch.downcast_ref::<S>()?;
+    if !own_close && close_gate::may_be_closing(root.id) {
+        return None;
+    }
     let id = span_id(root.id)?;
     let span = subscriber.span(&id)?;
     let (same, closing) = {
@@ -403,24 +419,26 @@ where
         slots::with_current(|slot| slot.exit(id.into_u64()));
     }
 
-    /// Marks the span closing for the watchdog (see `close_gate`). A closing root is first
+    /// Announces the span closing to the watchdog (see `close_gate`). A closing root is first
     /// marked as the victim of any stall it waited on that the watchdog has not finished
     /// yet (see `victims`; one relaxed load when there is none); its entry in the root table
     /// dies with its extensions.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else {
-            return;
-        };
         if victims::any_pending() {
-            let root = span
-                .extensions()
-                .get::<RootMark>()
-                .map(|mark| Arc::clone(&mark.0));
+            let root = ctx.span(&id).and_then(|span| {
+                span.extensions()
+                    .get::<RootMark>()
+                    .map(|mark| Arc::clone(&mark.0))
+            });
             if let Some(root) = root {
                 victims::root_closing(&root, || shared().access()?.closing_root_context(&root));
             }
         }
-        close_gate::mark(|| span.extensions_mut().insert(Closing));
+        close_gate::closing(id.into_u64(), || {
+            if let Some(span) = ctx.span(&id) {
+                span.extensions_mut().insert(Closing);
+            }
+        });
     }
 }
 
