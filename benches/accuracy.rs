@@ -95,17 +95,63 @@ fn delay_quantiles(
     panic!("tokio.eventloop.delay not exported");
 }
 
+/// tokio's own floor: a plain thread that sleeps `gap`, then spawns a task into an idle,
+/// unhooked runtime of the same flavor and times spawn → first poll (the probe looplag's
+/// watchdog spawns, without looplag), for `period`. Returns the delays in seconds.
+fn floor(workers: usize, gap: Duration, period: Duration) -> Vec<f64> {
+    let rt = Arc::new(runtime(None, workers));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let driver = (workers == 0).then(|| {
+        let rt = Arc::clone(&rt);
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            })
+        })
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let base = Instant::now();
+    let mut delays = Vec::new();
+    while base.elapsed() < period {
+        std::thread::sleep(gap);
+        let polled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let flag = Arc::clone(&polled);
+        let spawned = base.elapsed().as_nanos() as u64;
+        rt.spawn(async move {
+            flag.store(
+                base.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Release,
+            );
+        });
+        let at = loop {
+            let at = polled.load(std::sync::atomic::Ordering::Acquire);
+            if at != 0 {
+                break at;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        delays.push(at.saturating_sub(spawned) as f64 * 1e-9);
+    }
+    drop(stop);
+    if let Some(driver) = driver {
+        driver.join().expect("driver thread");
+    }
+    delays
+}
+
 fn idle_delay(period: Duration) {
     println!("### Idle delay\n");
     println!(
         "Idle runtime, {:.0} s per row, 10 ms interval for both. looplag: its exported \
          `tokio.eventloop.delay` (exponential histogram, value = bucket middle); seed: lateness \
-         of `tokio::time::sleep(10 ms)`.",
+         of `tokio::time::sleep(10 ms)`. tokio floor: the same probe spawned from a plain \
+         thread into an idle unhooked runtime, without looplag, after the thread slept 10 ms \
+         or 200 ms (looplag's watchdog, dozing on an idle runtime, probes every 200 ms).",
         period.as_secs_f64()
     );
     println!();
-    println!("| runtime | looplag delay p50 | looplag delay p99 | samples | seed lateness p50 | seed lateness p99 | samples |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| runtime | looplag delay p50 | looplag delay p99 | samples | seed lateness p50 | seed lateness p99 | samples | tokio floor p50, 10 ms apart | tokio floor p50, 200 ms apart |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for workers in [0, 2] {
         let exporter = InMemoryMetricExporter::default();
         let provider = SdkMeterProvider::builder()
@@ -129,18 +175,29 @@ fn idle_delay(period: Duration) {
             .build()
             .expect("looplag");
         let rt = Arc::new(runtime(Some(&looplag), workers));
-        // A current-thread runtime only runs while a thread drives it.
+        // A current-thread runtime only runs while a thread drives it. That thread starts
+        // the watchdog, as an application does before its `block_on` (the thread calling
+        // `start` is registered as the runtime's driver).
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (guard_tx, guard_rx) = std::sync::mpsc::channel();
         let driver = (workers == 0).then(|| {
             let rt = Arc::clone(&rt);
+            let looplag = looplag.clone();
             std::thread::spawn(move || {
+                guard_tx
+                    .send(looplag.start(rt.handle()).expect("start"))
+                    .expect("send the guard");
                 rt.block_on(async {
                     let _ = stopped.await;
                 })
             })
         });
         // looplag alone.
-        let guard = looplag.start(rt.handle()).expect("start");
+        let guard = if workers == 0 {
+            guard_rx.recv().expect("the driver's watchdog")
+        } else {
+            looplag.start(rt.handle()).expect("start")
+        };
         pause(period);
         drop(guard);
         let (p50, p99, count) = delay_quantiles(&provider, &exporter);
@@ -162,13 +219,17 @@ fn idle_delay(period: Duration) {
             .map(|(_, late)| late.as_secs_f64())
             .collect();
         let seed_count = late.len();
+        let mut warm = floor(workers, Duration::from_millis(10), period / 2);
+        let mut cold = floor(workers, Duration::from_millis(200), period);
         println!(
-            "| {} | {:.1} µs | {:.1} µs | {count} | {:.1} µs | {:.1} µs | {seed_count} |",
+            "| {} | {:.1} µs | {:.1} µs | {count} | {:.1} µs | {:.1} µs | {seed_count} | {:.1} µs | {:.1} µs |",
             flavor(workers),
             p50 * 1e6,
             p99 * 1e6,
             quantile(&mut late, 0.5) * 1e6,
             quantile(&mut late, 0.99) * 1e6,
+            quantile(&mut warm, 0.5) * 1e6,
+            quantile(&mut cold, 0.5) * 1e6,
         );
     }
     println!();
