@@ -220,18 +220,52 @@ fn measure(
     thread: &str,
     operations: &[(&str, Measure)],
 ) -> Vec<Row> {
-    let mut samples: Vec<Samples> = operations.iter().map(|_| Samples::default()).collect();
-    // Warm up caches, the allocator and the registry's slab.
+    let mut samples = warm_up(subscribers, operations);
+    for round in 0..rounds {
+        measure_round(round, subscribers, operations, &mut samples);
+    }
+    rows(samples, thread, operations)
+}
+
+/// `measure` inside a task, yielding between rounds: one round is a few milliseconds, and
+/// a task that measured every round in one poll would be a stall (under `--cfg
+/// tokio_unstable`, where every task poll is watched), measured while looplag reports it.
+async fn measure_in_task(
+    rounds: usize,
+    subscribers: &Subscribers,
+    thread: &str,
+    operations: &[(&str, Measure)],
+) -> Vec<Row> {
+    let mut samples = warm_up(subscribers, operations);
+    for round in 0..rounds {
+        measure_round(round, subscribers, operations, &mut samples);
+        tokio::task::yield_now().await;
+    }
+    rows(samples, thread, operations)
+}
+
+/// Warms up caches, the allocator and the registry's slab; returns empty samples.
+fn warm_up(subscribers: &Subscribers, operations: &[(&str, Measure)]) -> Vec<Samples> {
     for round in 0..3 {
         for (_, operation) in operations {
             three(round, subscribers, *operation);
         }
     }
-    for round in 0..rounds {
-        for (i, (_, operation)) in operations.iter().enumerate() {
-            samples[i].push(three(round, subscribers, *operation));
-        }
+    operations.iter().map(|_| Samples::default()).collect()
+}
+
+fn measure_round(
+    round: usize,
+    subscribers: &Subscribers,
+    operations: &[(&str, Measure)],
+    samples: &mut [Samples],
+) {
+    for (i, (_, operation)) in operations.iter().enumerate() {
+        samples[i].push(three(round, subscribers, *operation));
     }
+}
+
+fn rows(mut samples: Vec<Samples>, thread: &str, operations: &[(&str, Measure)]) -> Vec<Row> {
     samples
         .iter_mut()
         .zip(operations)
@@ -274,7 +308,7 @@ async fn check_registered(reports: &Mutex<Vec<StallReport>>) -> String {
     )
     .await
     .expect("check task");
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         let found = reports.lock().unwrap().iter().any(|report| {
             report.state == StallState::Ended
@@ -345,8 +379,11 @@ fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
 fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
-    let subscribers = dispatches(&looplag);
+    // Built first: looplag resolves span ids through the subscriber registered last (one
+    // per process, see the crate docs), which must be the one the registration check's
+    // span lives in.
     let with_otel = dispatches_with_otel(&looplag);
+    let subscribers = dispatches(&looplag);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(1).enable_all();
     looplag.hook_runtime(&mut builder);
@@ -354,16 +391,25 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let watchdog = looplag.start(runtime.handle()).expect("start");
     let result = runtime
         .block_on(runtime.spawn(async move {
-            let mut rows = measure_spans(rounds, &subscribers, "multi-thread worker (in a task)");
-            rows.extend(measure(
+            let mut rows = measure_in_task(
                 rounds,
-                &with_otel,
-                "multi-thread worker (in a task), with tracing-opentelemetry",
-                &[(
-                    "one request: root + child span, 3 boundary + 2 nested enters",
-                    request,
-                )],
-            ));
+                &subscribers,
+                "multi-thread worker (in a task)",
+                &OPERATIONS,
+            )
+            .await;
+            rows.extend(
+                measure_in_task(
+                    rounds,
+                    &with_otel,
+                    "multi-thread worker (in a task), with tracing-opentelemetry",
+                    &[(
+                        "one request: root + child span, 3 boundary + 2 nested enters",
+                        request,
+                    )],
+                )
+                .await,
+            );
             let registered = check_registered(&reports)
                 .with_subscriber(subscribers.looplag.clone())
                 .await;

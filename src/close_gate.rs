@@ -92,10 +92,20 @@ pub(crate) fn while_no_span_closes<R>(lookup: impl FnOnce() -> R) -> R {
     let _exclusive = GATE.write().unwrap_or_else(PoisonError::into_inner);
     LOOKUPS.fetch_add(1, Ordering::SeqCst);
     let _ = LOOKING_UP.try_with(|flag| flag.set(true));
-    let result = lookup();
-    let _ = LOOKING_UP.try_with(|flag| flag.set(false));
-    LOOKUPS.fetch_sub(1, Ordering::Release);
-    result
+    // Counted out even if `lookup` panics (the watchdog catches it): closers wait while the
+    // count is not zero.
+    let _counted = LookupCounted;
+    lookup()
+}
+
+/// Ends a lookup when dropped.
+struct LookupCounted;
+
+impl Drop for LookupCounted {
+    fn drop(&mut self) {
+        let _ = LOOKING_UP.try_with(|flag| flag.set(false));
+        LOOKUPS.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// Watchdog side, inside [`while_no_span_closes`]: whether a thread announced that it is
