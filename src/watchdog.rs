@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::global::BoxedSpan;
@@ -19,7 +19,7 @@ use crate::config::StackSupport;
 use crate::diagnosis::{self, StallKind};
 use crate::doze::IDLE_SAMPLE_INTERVALS;
 use crate::instance::Inner;
-use crate::layer::{self, RootInfo, SpanAccess, SpanInfo};
+use crate::layer::{self, SpanAccess, SpanInfo};
 use crate::probe::{Collected, Probe};
 use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
@@ -28,9 +28,6 @@ use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
 use crate::victims::{self, Marks, Pending, PendingGuard};
 use crate::{StallReport, StallState};
-
-/// Smallest size of the root cache at which closed roots are pruned from it.
-const ROOT_CACHE_PRUNE: usize = 4096;
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
 const UNHOOKED_GRACE: Duration = Duration::from_secs(2);
@@ -200,9 +197,6 @@ struct Watch {
     dozed: Duration,
     multi_thread: bool,
     cursors: HashMap<u64, usize>,
-    /// Open root spans by span id, as resolved from the poll rings.
-    root_cache: HashMap<u64, Weak<RootInfo>>,
-    root_cache_prune_at: usize,
     workers: Vec<WorkerTrack>,
     active: Vec<Active>,
     previous_tick: u64,
@@ -293,8 +287,6 @@ impl Watch {
             handle,
             multi_thread,
             cursors: HashMap::new(),
-            root_cache: HashMap::new(),
-            root_cache_prune_at: ROOT_CACHE_PRUNE,
             workers: Vec::new(),
             active: Vec::new(),
             previous_tick: clock::raw(),
@@ -380,15 +372,9 @@ impl Watch {
     }
 
     /// Records on which worker each in-flight trace was last polled.
-    ///
-    /// A poll-level span that is itself a root (a request span) is resolved once and then
-    /// found in `root_cache` while it stays open: an open span keeps its id, so a live
-    /// cached root with that id is exact. Other spans are looked up every time (a child's id
-    /// can be reused while its root lives on).
     fn track_polled_roots(&mut self, slots: &[Arc<Slot>], access: &SpanAccess) {
         self.cursors
             .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
-        let mut cache = std::mem::take(&mut self.root_cache);
         for slot in slots {
             let cursor = self.cursors.entry(slot.thread_uid).or_insert(0);
             let mut previous = 0;
@@ -397,29 +383,12 @@ impl Watch {
                     return;
                 }
                 previous = id;
-                let cached = cache
-                    .get(&id)
-                    .and_then(Weak::upgrade)
-                    .filter(|root| root.id == id);
-                let root = cached.or_else(|| {
-                    let root = access.root_of(id)?;
-                    if root.id == id {
-                        cache.insert(id, Arc::downgrade(&root));
-                    }
-                    Some(root)
-                });
-                if let Some(root) = root {
+                if let Some(root) = access.root_of(id) {
                     root.last_polled_on
                         .store(slot.thread_uid, Ordering::Relaxed);
                 }
             });
         }
-        // Pruned once it doubles since the last prune: amortised O(1) per entry.
-        if cache.len() > self.root_cache_prune_at {
-            cache.retain(|_, root| root.strong_count() > 0);
-            self.root_cache_prune_at = cache.len().saturating_mul(2).max(ROOT_CACHE_PRUNE);
-        }
-        self.root_cache = cache;
     }
 
     /// Reads tokio's per-worker metrics and notes when each last changed.
