@@ -139,9 +139,6 @@ pub(crate) struct RootInfo {
     pub(crate) token: u64,
     /// `slots::thread_uid()` of the thread that created the span.
     pub(crate) created_on: u64,
-    /// Raw clock when the span was created: a span created after a stall ended did not
-    /// wait for it.
-    pub(crate) created_at: u64,
     /// `slots::thread_uid()` of the worker that last polled it (0: not seen polled yet).
     pub(crate) last_polled_on: AtomicU64,
 }
@@ -205,6 +202,13 @@ pub(crate) fn shared() -> &'static Shared {
     })
 }
 
+/// The tokens issued to local roots so far: every root created from now on gets a token
+/// at least this. A root created after a stall ended did not wait for it; comparing
+/// tokens tells that apart without a clock read per root.
+pub(crate) fn root_tokens_issued() -> u64 {
+    shared().next_token.load(Ordering::Relaxed)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
@@ -229,7 +233,8 @@ impl Shared {
         })
     }
 
-    /// The in-flight local roots, created before `ended`, that waited on worker thread
+    /// The in-flight local roots created before the stall ended (a token below `ended`,
+    /// see [`root_tokens_issued`]), that waited on worker thread
     /// `thread`, except those whose token `exclude` picks, at most `limit` of them; also
     /// returns how many more there were.
     pub(crate) fn victims(
@@ -243,7 +248,7 @@ impl Shared {
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
         for root in roots.live() {
-            if exclude(root.token) || root.created_at >= ended || !root.waited_on(thread) {
+            if exclude(root.token) || root.token >= ended || !root.waited_on(thread) {
                 continue;
             }
             if chosen.len() < limit {
@@ -400,7 +405,6 @@ where
             id: id.into_u64(),
             token: shared.next_token.fetch_add(1, Ordering::Relaxed),
             created_on: slots::thread_uid(),
-            created_at: crate::clock::raw(),
             last_polled_on: AtomicU64::new(0),
         });
         span.extensions_mut().insert(RootMark(Arc::clone(&info)));

@@ -118,6 +118,9 @@ pub(crate) struct Slot {
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
+    /// Root tokens issued when a flagged poll ended (`layer::root_tokens_issued`): the
+    /// roots created before the end. Published with `end`.
+    end_roots: AtomicU64,
     depth: AtomicUsize,
     base: AtomicUsize,
     stack: [AtomicU64; STACK_DEPTH],
@@ -158,6 +161,26 @@ impl std::fmt::Debug for Slot {
             .field("word", &self.word.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// A poll the watchdog flagged: the flagged activity word, the raw time of the flag and
+/// the root tokens issued by then.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Flag {
+    pub(crate) word: u64,
+    pub(crate) at: u64,
+    pub(crate) roots_before: u64,
+}
+
+/// When a flagged poll ended.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PollEnd {
+    /// Raw clock of the end.
+    pub(crate) at: u64,
+    /// The owner's CPU time at the end, when it published one.
+    pub(crate) cpu: Option<Duration>,
+    /// Local roots with a token below this were created before the end.
+    pub(crate) roots_before: u64,
 }
 
 /// What the watchdog reads of a slot in one go.
@@ -202,6 +225,7 @@ impl Slot {
             word: AtomicU64::new(0),
             end: AtomicU64::new(0),
             end_cpu: AtomicU64::new(0),
+            end_roots: AtomicU64::new(0),
             depth: AtomicUsize::new(0),
             base: AtomicUsize::new(0),
             stack: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -256,6 +280,8 @@ impl Slot {
     /// A flagged poll ends: publish the end time and the CPU time (rare: stalls only).
     #[cold]
     fn publish_flagged_end(&self) {
+        self.end_roots
+            .store(crate::layer::root_tokens_issued(), Ordering::Relaxed);
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
@@ -387,15 +413,18 @@ impl Slot {
             .is_ok()
     }
 
-    /// The end (raw clock) and CPU time (when known) the owner published for a flagged poll
-    /// that started at `start`, if it did.
-    pub(crate) fn published_end(&self, start: u64) -> Option<(u64, Option<Duration>)> {
+    /// The end the owner published for a flagged poll that started at `start`, if it did.
+    pub(crate) fn published_end(&self, start: u64) -> Option<PollEnd> {
         let end = self.end.load(Ordering::Acquire);
         if end <= start {
             return None;
         }
         let cpu = self.end_cpu.load(Ordering::Relaxed);
-        Some((end, (cpu != 0).then(|| Duration::from_nanos(cpu))))
+        Some(PollEnd {
+            at: end,
+            cpu: (cpu != 0).then(|| Duration::from_nanos(cpu)),
+            roots_before: self.end_roots.load(Ordering::Relaxed),
+        })
     }
 
     /// The owner's CPU time now, if it can be read.
@@ -406,22 +435,18 @@ impl Slot {
         self.cpu_clock.and_then(|clock| clock.cpu_time())
     }
 
-    /// The state of the poll the watchdog flagged (`flagged_word`, flag set at raw time
-    /// `flagged_at`): `None` while it runs, else the raw time it ended: the end the owner
-    /// published, or, when the owner missed the flag (it landed between the owner's load
-    /// and store in `poll_end`), the time of the flag itself.
-    pub(crate) fn flagged_end(
-        &self,
-        flagged_word: u64,
-        flagged_at: u64,
-    ) -> Option<(u64, Option<Duration>)> {
-        if self.word() == flagged_word {
+    /// The state of the poll the watchdog flagged (`flag`): `None` while it runs, else its
+    /// end: the one the owner published, or, when the owner missed the flag (it landed
+    /// between the owner's load and store in `poll_end`), the flag's own time.
+    pub(crate) fn flagged_end(&self, flag: &Flag) -> Option<PollEnd> {
+        if self.word() == flag.word {
             return None;
         }
-        Some(
-            self.published_end(flagged_word & TS_MASK)
-                .unwrap_or((flagged_at, None)),
-        )
+        Some(self.published_end(flag.word & TS_MASK).unwrap_or(PollEnd {
+            at: flag.at,
+            cpu: None,
+            roots_before: flag.roots_before,
+        }))
     }
 
     /// The span ids entered on the thread, outermost first (at most `STACK_DEPTH`).

@@ -22,16 +22,15 @@ use opentelemetry::KeyValue;
 
 use crate::clock;
 use crate::layer::RootInfo;
-use crate::slots::Slot;
+use crate::slots::{Flag, Slot};
 use crate::telemetry as names;
 
 /// An exact stall whose victims are not all marked yet.
 pub(crate) struct Pending {
-    /// The stalled worker: its slot, the flagged activity word and when it was flagged,
-    /// which give the stall's end once the owner publishes it.
+    /// The stalled worker's slot and the flag, which give the stall's end once the owner
+    /// publishes it.
     pub(crate) slot: Arc<Slot>,
-    pub(crate) flagged_word: u64,
-    pub(crate) flagged_at: u64,
+    pub(crate) flag: Flag,
     /// Raw clock and wall-clock time of the stall's start.
     pub(crate) start: u64,
     pub(crate) start_time: SystemTime,
@@ -172,10 +171,10 @@ pub(crate) fn root_closing(
             continue;
         }
         // Still stalled: this request was not held up by it (it ran elsewhere).
-        let Some((end, _)) = stall.slot.flagged_end(stall.flagged_word, stall.flagged_at) else {
+        let Some(end) = stall.slot.flagged_end(&stall.flag) else {
             continue;
         };
-        if root.created_at >= end {
+        if root.token >= end.roots_before {
             continue;
         }
         let mut marks = lock(&entry.marks);
@@ -191,7 +190,7 @@ pub(crate) fn root_closing(
                 &context,
                 &stall.stall,
                 stall.start_time,
-                clock::delta(stall.start, end),
+                clock::delta(stall.start, end.at),
             );
             marks.insert(root.token);
         }

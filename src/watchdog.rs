@@ -23,7 +23,7 @@ use crate::layer::{self, SpanAccess, SpanInfo};
 use crate::probe::{Collected, Probe};
 use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
-use crate::slots::{Slot, FLAGGED};
+use crate::slots::{Flag, PollEnd, Slot, FLAGGED};
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
 use crate::victims::{self, Marks, Pending, PendingGuard};
@@ -115,11 +115,7 @@ struct WorkerTrack {
 
 enum Source {
     /// A poll with known boundaries, flagged in its slot's activity word.
-    Exact {
-        slot: Arc<Slot>,
-        flagged_word: u64,
-        flagged_at: u64,
-    },
+    Exact { slot: Arc<Slot>, flag: Flag },
     /// A worker whose tokio metrics froze while it was unparked, found without hooks.
     Estimated {
         worker: usize,
@@ -603,13 +599,16 @@ impl Watch {
             }
             let entered: Vec<u64> = slot.entered_spans(snapshot.depth).collect();
             let flagged = slot.flag(snapshot.word);
-            let flagged_at = clock::raw();
+            let flag = Flag {
+                word: snapshot.word | FLAGGED,
+                at: clock::raw(),
+                roots_before: layer::root_tokens_issued(),
+            };
             let info =
                 access.and_then(|access| entered.iter().rev().find_map(|&id| access.span_info(id)));
             let source = Source::Exact {
                 slot: Arc::clone(slot),
-                flagged_word: snapshot.word | FLAGGED,
-                flagged_at,
+                flag,
             };
             let task = slot.task();
             self.begin(source, snapshot.start(), info, task, now, anchor);
@@ -617,7 +616,12 @@ impl Watch {
                 // The poll returned between the snapshot and the flag: it lasted at least
                 // the threshold and ended just now.
                 if let Some(active) = self.active.pop() {
-                    self.end(active, flagged_at, None, access);
+                    let end = PollEnd {
+                        at: flag.at,
+                        cpu: None,
+                        roots_before: flag.roots_before,
+                    };
+                    self.end(active, end, access);
                 }
             }
         }
@@ -674,16 +678,17 @@ impl Watch {
     fn check_active(&mut self, now: u64, access: Option<&SpanAccess>) {
         let mut index = 0;
         while index < self.active.len() {
-            let ended_at = match &self.active[index].source {
-                Source::Exact {
-                    slot,
-                    flagged_word,
-                    flagged_at,
-                } => {
+            let ended_now = || PollEnd {
+                at: now,
+                cpu: None,
+                roots_before: layer::root_tokens_issued(),
+            };
+            let ended = match &self.active[index].source {
+                Source::Exact { slot, flag } => {
                     if slot.is_dead() {
-                        Some((now, None))
+                        Some(ended_now())
                     } else {
-                        slot.flagged_end(*flagged_word, *flagged_at)
+                        slot.flagged_end(flag)
                     }
                 }
                 Source::Estimated {
@@ -691,13 +696,13 @@ impl Watch {
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
                     (track.activity != *activity || track.metrics.0 % 2 == 1 || self.shut_down)
-                        .then_some((now, None))
+                        .then(ended_now)
                 }
             };
-            match ended_at {
-                Some((end, end_cpu)) => {
+            match ended {
+                Some(end) => {
                     let active = self.active.swap_remove(index);
-                    self.end(active, end, end_cpu, access);
+                    self.end(active, end, access);
                 }
                 None => {
                     let active = &mut self.active[index];
@@ -725,9 +730,7 @@ impl Watch {
         anchor: &Anchor,
     ) {
         let (diagnosed_slot, word) = match &source {
-            Source::Exact {
-                slot, flagged_word, ..
-            } => (Some(Arc::clone(slot)), *flagged_word),
+            Source::Exact { slot, flag } => (Some(Arc::clone(slot)), flag.word),
             Source::Estimated { slot, .. } => (slot.clone(), slot.as_ref().map_or(0, |s| s.word())),
         };
         let diagnosis = self.diagnose(diagnosed_slot.as_ref(), word, now);
@@ -791,23 +794,20 @@ impl Watch {
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
         let pending = match &source {
-            Source::Exact {
-                slot,
-                flagged_word,
-                flagged_at,
-            } if self.inner.config.max_victims > 0 => Some(PendingGuard::register(Pending {
-                slot: Arc::clone(slot),
-                flagged_word: *flagged_word,
-                flagged_at: *flagged_at,
-                start,
-                start_time,
-                stall: span_context.clone(),
-                exclude: info
-                    .as_ref()
-                    .and_then(|info| info.root.as_ref())
-                    .map(|root| root.token),
-                limit: self.inner.config.max_victims,
-            })),
+            Source::Exact { slot, flag } if self.inner.config.max_victims > 0 => {
+                Some(PendingGuard::register(Pending {
+                    slot: Arc::clone(slot),
+                    flag: *flag,
+                    start,
+                    start_time,
+                    stall: span_context.clone(),
+                    exclude: info
+                        .as_ref()
+                        .and_then(|info| info.root.as_ref())
+                        .map(|root| root.token),
+                    limit: self.inner.config.max_victims,
+                }))
+            }
             _ => None,
         };
         let active = Active {
@@ -830,13 +830,12 @@ impl Watch {
         self.next_stall_id = self.next_stall_id.wrapping_add(1);
     }
 
-    fn end(
-        &mut self,
-        mut active: Active,
-        end: u64,
-        end_cpu: Option<Duration>,
-        access: Option<&SpanAccess>,
-    ) {
+    fn end(&mut self, mut active: Active, end: PollEnd, access: Option<&SpanAccess>) {
+        let PollEnd {
+            at: end,
+            cpu: end_cpu,
+            roots_before,
+        } = end;
         let duration = clock::delta(active.start, end);
         if let Some((cpu0, at)) = active.diagnosis.window {
             let cpu_end = end_cpu.or_else(|| active.slot().and_then(|slot| slot.cpu_time()));
@@ -899,7 +898,7 @@ impl Watch {
                 let marks = guard.as_deref_mut().unwrap_or(&mut own);
                 let (roots, dropped) = layer::shared().victims(
                     slot.thread_uid,
-                    end,
+                    roots_before,
                     |token| Some(token) == culprit || marks.contains(token),
                     marks.room(self.inner.config.max_victims),
                 );
@@ -1086,7 +1085,12 @@ impl Watch {
         let anchor = Anchor::now();
         let access = layer::shared().access();
         while let Some(active) = self.active.pop() {
-            self.end(active, anchor.raw, None, access.as_ref());
+            let end = PollEnd {
+                at: anchor.raw,
+                cpu: None,
+                roots_before: layer::root_tokens_issued(),
+            };
+            self.end(active, end, access.as_ref());
         }
         // Give pending stacks a moment to arrive before ending their spans without them.
         let deadline = Instant::now() + Duration::from_secs(2);

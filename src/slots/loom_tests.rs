@@ -127,9 +127,12 @@ fn watchdog(
         let flagged_at = clock::raw();
         let mut end = None;
         for _ in 0..rechecks {
-            end = slot
-                .flagged_end(flagged_word, flagged_at)
-                .map(|(end, _cpu)| end);
+            let flag = super::Flag {
+                word: flagged_word,
+                at: flagged_at,
+                roots_before: 0,
+            };
+            end = slot.flagged_end(&flag).map(|end| end.at);
             if end.is_some() {
                 // Invariant 4: an ended poll stays ended.
                 assert_ne!(
