@@ -274,6 +274,10 @@ impl Builder {
     /// stack and returns, the watchdog unwinds the copy and a symbolizer thread names the
     /// frames. Linux x86_64 only; elsewhere reports say no stack was taken. Environment:
     /// `LOOPLAG_CAPTURE_STACKS` (`true` or `false`). By default, `true`.
+    ///
+    /// The same signal also tells, on stable builds, a current-thread runtime stuck in a poll
+    /// outside any span from one that nobody drives (see the README's "What is exact and what
+    /// is estimated"): with `false`, such stalls are not reported, only their delay.
     pub fn capture_stacks(self, capture: bool) -> Self {
         Builder {
             explicit: Explicit {

@@ -32,6 +32,15 @@ use crate::{StallReport, StallState};
 /// How long a hooked runtime may run without any worker registering before looplag warns.
 const UNHOOKED_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the watchdog waits for a thread to answer [`crate::stack::in_runtime`]. The
+/// handler runs within microseconds of delivery; a thread that does not answer in this time
+/// (stopped, or in an uninterruptible wait) is taken as "cannot tell".
+const RUNTIME_QUERY_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// Shortest wait between two checks of an undriven current-thread runtime (the wait is the
+/// stall threshold, but not less): each check interrupts the thread.
+const MIN_RECHECK: Duration = Duration::from_millis(20);
+
 /// The watchdog thread's main loop; returns when `stop` is set.
 ///
 /// Ticks every sample interval on a fixed grid. After a tick that found the runtime idle
@@ -111,6 +120,10 @@ struct WorkerTrack {
     activity_since: u64,
     /// How many ticks have read this worker's metrics (saturating).
     observed: u32,
+    /// Current-thread runtimes on stable builds: raw time of the last check that found the
+    /// driver thread outside `block_on` during the current `activity`; `None` while not
+    /// asked.
+    outside: Option<u64>,
 }
 
 enum Source {
@@ -319,7 +332,7 @@ impl Watch {
         self.check_active(now, access.as_ref());
         self.detect_exact(&slots, now, &anchor, access.as_ref());
         if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)
-            && self.multi_thread
+            && (self.multi_thread || self.inner.config.stacks == StackSupport::Enabled)
             && !self.shut_down
         {
             self.detect_estimated(&slots, now, &anchor);
@@ -423,6 +436,7 @@ impl Watch {
             if activity != track.activity {
                 track.activity = activity;
                 track.activity_since = now;
+                track.outside = None;
             }
         }
     }
@@ -627,8 +641,17 @@ impl Watch {
         }
     }
 
-    /// Stable builds, multi-thread runtime: a worker unparked, with frozen metrics and no
-    /// instrumented poll, for the threshold, is stuck in an uninstrumented poll.
+    /// Stable builds: a worker unparked, with frozen metrics and no instrumented poll, for
+    /// the threshold, is stuck in an uninstrumented poll.
+    ///
+    /// On a current-thread runtime the same frozen state also describes a runtime nobody
+    /// drives (`block_on` returned, the thread does other work), so the thread is asked with
+    /// a signal whether it is inside the runtime's scheduler (`stack::in_runtime`) before
+    /// anything is reported. While it is not, it is asked again every threshold (at least
+    /// [`MIN_RECHECK`]): a `block_on` entered again that blocks before it first parks
+    /// changes nothing tokio publishes, so only such a check finds it, up to a threshold
+    /// late, with its start known only to be after the last check that found the thread
+    /// outside.
     fn detect_estimated(&mut self, slots: &[Arc<Slot>], now: u64, anchor: &Anchor) {
         // `activity_since` is the first tick that saw the worker's last activity, up to an
         // interval after it. Ticks land on a fixed grid, give or take the scheduler's jitter:
@@ -662,16 +685,40 @@ impl Watch {
                 // Inside a span (the exact path owns it) or parked (not stuck).
                 continue;
             }
-            let slot = match candidates.as_slice() {
-                [only] => Some(Arc::clone(only)),
-                _ => None,
+            let (slot, start) = if self.multi_thread {
+                let slot = match candidates.as_slice() {
+                    [only] => Some(Arc::clone(only)),
+                    _ => None,
+                };
+                (slot, track.activity_since)
+            } else {
+                let recheck = self.inner.config.stall_threshold.max(MIN_RECHECK);
+                if track
+                    .outside
+                    .is_some_and(|checked| clock::delta(checked, now) < recheck)
+                {
+                    continue;
+                }
+                let driver = candidates.iter().find(|slot| {
+                    crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT)
+                        .unwrap_or(false)
+                });
+                let Some(driver) = driver else {
+                    self.workers[index].outside = Some(now);
+                    continue;
+                };
+                // A runtime found undriven earlier was entered again after that check.
+                let start = track.outside.map_or(track.activity_since, |checked| {
+                    track.activity_since.max(checked)
+                });
+                (Some(Arc::clone(driver)), start)
             };
             let source = Source::Estimated {
                 worker: index,
                 slot,
                 activity: track.activity,
             };
-            self.begin(source, track.activity_since, None, None, now, anchor);
+            self.begin(source, start, None, None, now, anchor);
         }
     }
 
@@ -692,11 +739,30 @@ impl Watch {
                     }
                 }
                 Source::Estimated {
-                    worker, activity, ..
+                    worker,
+                    activity,
+                    slot,
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
-                    (track.activity != *activity || track.metrics.0 % 2 == 1 || self.shut_down)
-                        .then(ended_now)
+                    // Current-thread: `block_on` may return right after the blocking poll,
+                    // leaving tokio's metrics as frozen as during the stall.
+                    let left_runtime = || {
+                        !self.multi_thread
+                            && slot.as_ref().is_some_and(|slot| {
+                                matches!(
+                                    crate::stack::in_runtime(
+                                        &slot.stack_target,
+                                        RUNTIME_QUERY_TIMEOUT
+                                    ),
+                                    Ok(false) | Err(crate::stack::StackError::ThreadGone)
+                                )
+                            })
+                    };
+                    (track.activity != *activity
+                        || track.metrics.0 % 2 == 1
+                        || self.shut_down
+                        || left_runtime())
+                    .then(ended_now)
                 }
             };
             match ended {

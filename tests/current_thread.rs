@@ -206,3 +206,72 @@ fn max_victims_caps_the_events_and_counts_the_rest() {
         .count();
     assert_eq!(marked, 2, "two waiters carry the victim event");
 }
+
+/// A stall outside any span is found on a current-thread runtime (on stable builds, by
+/// asking the thread with a signal whether it is inside `block_on`), while the same frozen
+/// runtime state with nobody driving it (`block_on` returned, the thread busy elsewhere)
+/// is not a stall, before and after the real one.
+#[test]
+fn stall_outside_any_span_is_found_and_an_undriven_runtime_is_not_a_stall() {
+    // Estimated stalls are known to a sample interval at each end (10 ms by default), and
+    // the machine may be loaded: a generous, stated tolerance.
+    const ESTIMATE_TOLERANCE: Duration = Duration::from_millis(60);
+    let h = harness(|b| b);
+    let runtime = current_thread(&h.looplag);
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    // Nobody drives the runtime for 8 thresholds.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        h.reports().is_empty(),
+        "a runtime nobody drives is not stalled: {:#?}",
+        h.reports()
+    );
+
+    runtime.block_on(async {
+        tokio::spawn(async { std::thread::sleep(Duration::from_millis(300)) })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
+        "the stall outside any span is reported and ends: {:#?}",
+        h.reports()
+    );
+    // Undriven again, for longer than the recheck backoff's first steps.
+    std::thread::sleep(Duration::from_millis(400));
+    drop(watchdog);
+
+    let ended = h.ended_reports();
+    assert_eq!(
+        ended.len(),
+        1,
+        "only the real stall is reported: {:#?}",
+        h.reports()
+    );
+    let report = &ended[0];
+    assert_eq!(report.span_name, None);
+    assert_eq!(report.worker_index, Some(0));
+    assert!(report.thread_id.is_some(), "{report:#?}");
+    // With tokio's poll hooks the poll's boundaries are exact.
+    assert_eq!(report.exact, cfg!(tokio_unstable), "{report:#?}");
+    let (low, high) = if report.exact {
+        (
+            Duration::from_millis(300),
+            Duration::from_millis(300) + TOLERANCE,
+        )
+    } else {
+        (
+            Duration::from_millis(300) - ESTIMATE_TOLERANCE,
+            Duration::from_millis(300) + ESTIMATE_TOLERANCE,
+        )
+    };
+    assert!(
+        report.duration >= low && report.duration <= high,
+        "the stall lasted 300 ms: {report:#?}"
+    );
+    assert_eq!(h.stall_spans().len(), 1);
+    assert_eq!(h.counter("tokio.eventloop.stalls"), 1);
+}

@@ -38,7 +38,9 @@
 //!
 //! # Cost
 //!
-//! Nothing runs while no stall happens: no hook, no timer, no signal. [`install`] sets the
+//! Nothing runs while no stall happens: no hook, no timer, no signal (one exception: on a
+//! stable build, a current-thread runtime whose thread stays outside `block_on` while the
+//! runtime lives gets an [`in_runtime`] query every stall threshold, see `watchdog.rs`). [`install`] sets the
 //! handler once and allocates the 512 KiB copy buffer, which the kernel backs with memory only
 //! once written. A capture interrupts the target for a few microseconds and takes well under a
 //! millisecond on the watchdog (measured: 3000 captures in about 1.2 s in a debug build,
@@ -233,6 +235,21 @@ impl ThreadTarget {
 /// - [`StackError::Unsupported`] on platforms other than Linux x86_64.
 pub(crate) fn capture(target: &ThreadTarget, timeout: Duration) -> Result<RawStack, StackError> {
     imp::capture(&target.inner, timeout)
+}
+
+/// Whether `target` is inside a tokio runtime's scheduler right now: interrupts it like
+/// [`capture`], but its handler only reads `tokio::runtime::worker_index()` there and copies
+/// no stack.
+///
+/// This is how the watchdog tells, on a stable build, a current-thread runtime stuck in a
+/// poll (its thread is inside `block_on`) from one that nobody drives (`block_on` returned and
+/// the thread does something else): tokio publishes nothing that tells the two apart.
+///
+/// # Errors
+///
+/// As [`capture`].
+pub(crate) fn in_runtime(target: &ThreadTarget, timeout: Duration) -> Result<bool, StackError> {
+    imp::in_runtime(&target.inner, timeout)
 }
 
 /// The unsymbolized stack of a thread: up to [`MAX_FRAMES`] code addresses, innermost first.

@@ -234,6 +234,54 @@ mod linux {
         assert!(slept >= Duration::from_millis(300), "slept {slept:?}");
     }
 
+    /// The query tells a thread blocked inside a current-thread runtime's `block_on` (in a
+    /// task, then in the `block_on` future itself) from the same thread blocked after
+    /// `block_on` returned, and copies no stack.
+    #[test]
+    fn in_runtime_tells_a_thread_inside_block_on_from_one_outside() {
+        installed();
+        let (ready, targets) = mpsc::channel();
+        let (step, steps) = mpsc::channel::<&str>();
+        let worker = thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let _ = ready.send(ThreadTarget::current());
+            let in_task = step.clone();
+            runtime.block_on(async {
+                tokio::spawn(async move {
+                    let _ = in_task.send("in a task");
+                    thread::sleep(Duration::from_millis(300));
+                })
+                .await
+                .expect("task");
+                let _ = step.send("in block_on's future");
+                thread::sleep(Duration::from_millis(300));
+            });
+            let _ = step.send("after block_on");
+            thread::sleep(Duration::from_millis(300));
+        });
+        let target = targets.recv_timeout(TIMEOUT).expect("target");
+        for (expected, inside) in [
+            ("in a task", true),
+            ("in block_on's future", true),
+            ("after block_on", false),
+        ] {
+            assert_eq!(steps.recv_timeout(TIMEOUT).expect("step"), expected);
+            wait_until_sleeping(target.tid());
+            assert_eq!(
+                in_runtime(&target, TIMEOUT).expect("query"),
+                inside,
+                "{expected}"
+            );
+        }
+        worker.join().expect("worker");
+        assert!(matches!(
+            in_runtime(&target, TIMEOUT),
+            Err(StackError::ThreadGone)
+        ));
+    }
+
     #[test]
     fn names_a_culprit_spinning_on_cpu_in_every_capture() {
         installed();

@@ -30,6 +30,10 @@ pub(super) fn capture(_target: &Target, _timeout: Duration) -> Result<RawStack, 
     Err(StackError::Unsupported)
 }
 
+pub(super) fn in_runtime(_target: &Target, _timeout: Duration) -> Result<bool, StackError> {
+    Err(StackError::Unsupported)
+}
+
 pub(super) fn resolve(addr: usize, _exact: bool, frames: &mut Vec<Frame>) {
     frames.push(Frame {
         function: UNKNOWN_FUNCTION.to_owned(),

@@ -8,7 +8,7 @@ mod signal;
 mod symbols;
 mod unwind;
 
-pub(super) use signal::{accepted_signals, capture, install, Target, HANDLER_NAME};
+pub(super) use signal::{accepted_signals, capture, in_runtime, install, Target, HANDLER_NAME};
 #[cfg(test)]
 pub(super) use signal::{handler_address, ignored_count, record, Slot};
 pub(super) use symbols::resolve;

@@ -8,8 +8,8 @@ use crate::stack::{RawStack, StackError};
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Most bytes of stack the handler copies, from the interrupted stack pointer upwards.
@@ -83,7 +83,16 @@ pub(in crate::stack) struct Slot {
     buf_len: usize,
     /// Deliveries the handler ignored (no capture armed, another thread, stale generation).
     ignored: AtomicU64,
+    /// Whether the armed request wants the stack copied (a query only wants `in_runtime`).
+    copy_stack: AtomicBool,
+    /// What the handler found: [`IN_RUNTIME`] or [`OUTSIDE_RUNTIME`].
+    in_runtime: AtomicU8,
 }
+
+/// The interrupted thread was inside a tokio runtime's scheduler (`worker_index()` was set).
+const IN_RUNTIME: u8 = 1;
+/// The interrupted thread was not running a tokio scheduler.
+const OUTSIDE_RUNTIME: u8 = 2;
 
 impl Slot {
     /// A new idle slot with a zeroed buffer of `buf_len` bytes, leaked: slots live forever
@@ -101,6 +110,8 @@ impl Slot {
             buf: AtomicPtr::new(buf.as_mut_ptr()),
             buf_len,
             ignored: AtomicU64::new(0),
+            copy_stack: AtomicBool::new(true),
+            in_runtime: AtomicU8::new(0),
         }))
     }
 }
@@ -135,7 +146,14 @@ static CAPTURE_LOCK: Mutex<u64> = Mutex::new(0);
 ///    nothing writes it while the thread is in this handler (the kernel builds the signal
 ///    frame below the red zone, or on the alternate stack); the buffer is written only by
 ///    the handler that holds `WRITING`;
-/// 6. relaxed atomic stores of the registers and the copy's bounds, and a final `SeqCst`
+/// 6. for a query ([`in_runtime`]) only, `tokio::runtime::worker_index()`: two reads of
+///    tokio's own thread-local context (a `Cell` holding the runtime-entered state and a
+///    `Cell` holding the scheduler pointer), then a read of the scheduler's enum tag. tokio's
+///    `CONTEXT` is a `const`-initialised thread-local whose destructor registration (the one
+///    step of a thread-local's first access that may allocate) happened long before, on the
+///    thread itself: [`Target::current`] reads `worker_index()` once for that reason. On a
+///    thread that is tearing its thread-locals down the read fails and yields "outside";
+/// 7. relaxed atomic stores of the registers and the copy's bounds, and a final `SeqCst`
 ///    store of `DONE`: plain `mov`s and one `xchg`.
 ///
 /// Those operations are all async-signal-safe: the handler allocates nothing, takes no lock,
@@ -207,7 +225,16 @@ pub(in crate::stack) unsafe fn record(
         register.store(greg(index), Relaxed);
     }
     let sp = usize::try_from(greg(libc::REG_RSP)).unwrap_or(0);
-    let (start, len) = if stack_lo <= sp && sp < stack_hi {
+    let (start, len) = if !slot.copy_stack.load(Relaxed) {
+        // A query: the registers and the runtime state only.
+        let in_runtime = if tokio::runtime::worker_index().is_some() {
+            IN_RUNTIME
+        } else {
+            OUTSIDE_RUNTIME
+        };
+        slot.in_runtime.store(in_runtime, Relaxed);
+        (sp, 0)
+    } else if stack_lo <= sp && sp < stack_hi {
         // Also copy the red zone below the stack pointer, within the page of the stack
         // pointer: a function interrupted in its epilogue has popped its saved registers
         // but its CFI still locates them there (the values are intact: the kernel builds the
@@ -354,6 +381,10 @@ pub(in crate::stack) struct Target {
 
 impl Target {
     pub(in crate::stack) fn current() -> Target {
+        // The first read of tokio's thread-local context on a thread registers its destructor,
+        // which may allocate: do it here, so that the handler's read (`in_runtime`) never is
+        // the first.
+        let _ = tokio::runtime::worker_index();
         // SAFETY: `SYS_gettid` takes no argument and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         let (stack_lo, stack_hi) = current_stack_bounds();
@@ -426,17 +457,21 @@ fn wait_while_writing(slot: &Slot, deadline: Option<Instant>) -> Result<(), Stac
     Ok(())
 }
 
-pub(in crate::stack) fn capture(
+/// Signals `target` with a request armed (`copy`: also copy its stack) and waits until its
+/// handler has recorded. Returns with [`CAPTURE_LOCK`] held, so nothing overwrites the
+/// record while the caller reads it.
+fn request(
     target: &Target,
     timeout: Duration,
-) -> Result<RawStack, StackError> {
+    copy: bool,
+) -> Result<(MutexGuard<'static, u64>, &'static Slot), StackError> {
     let signal = INSTALLED_SIGNAL.load(SeqCst);
     let slot = SLOT.load(SeqCst);
     if signal == 0 || slot.is_null() {
         return Err(StackError::NotInstalled);
     }
     // SAFETY: `SLOT` is null or a pointer from `Slot::leak`, which is never freed.
-    let slot: &Slot = unsafe { &*slot };
+    let slot: &'static Slot = unsafe { &*slot };
     let mut last_generation = CAPTURE_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     if current_handler(signal)? != handler_address() {
         return Err(StackError::SignalInUse { signal });
@@ -452,6 +487,8 @@ pub(in crate::stack) fn capture(
     slot.target_tid.store(target.tid, SeqCst);
     slot.stack_lo.store(target.stack_lo, SeqCst);
     slot.stack_hi.store(target.stack_hi, SeqCst);
+    slot.copy_stack.store(copy, SeqCst);
+    slot.in_runtime.store(0, SeqCst);
     slot.state.store(generation | ARMED, SeqCst);
 
     // SAFETY: `getpid` has no precondition and cannot fail.
@@ -505,7 +542,14 @@ pub(in crate::stack) fn capture(
         }
         backoff(&mut turn);
     }
+    Ok((last_generation, slot))
+}
 
+pub(in crate::stack) fn capture(
+    target: &Target,
+    timeout: Duration,
+) -> Result<RawStack, StackError> {
+    let (_lock, slot) = request(target, timeout, true)?;
     let mut regs: Regs = [None; NREGS];
     for (value, register) in regs.iter_mut().zip(slot.regs.iter()) {
         *value = Some(register.load(Relaxed));
@@ -529,6 +573,11 @@ pub(in crate::stack) fn capture(
     };
     let modules = modules();
     Ok(unwind(regs, &stack, &modules))
+}
+
+pub(in crate::stack) fn in_runtime(target: &Target, timeout: Duration) -> Result<bool, StackError> {
+    let (_lock, slot) = request(target, timeout, false)?;
+    Ok(slot.in_runtime.load(Relaxed) == IN_RUNTIME)
 }
 
 #[cfg(test)]
