@@ -54,9 +54,11 @@ static NEXT_THREAD_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 
 thread_local! {
     static THREAD_UID: Cell<u64> = const { Cell::new(0) };
-    static LOCAL: Local = const {
-        Local { slot: Cell::new(ptr::null()), owner: RefCell::new(None) }
-    };
+    /// Fast-path pointer to the calling thread's slot (kept alive by [`OWNER`]); null when
+    /// the thread has no slot. Constant-initialised and without a destructor, so reading it
+    /// is one thread-local load: no lazy-initialisation or destroyed-state check.
+    static SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    static OWNER: Owner = const { Owner { slot: RefCell::new(None) } };
 }
 
 /// A process-unique id of the calling thread (never reused, unlike OS thread ids).
@@ -74,18 +76,16 @@ pub(crate) fn thread_uid() -> u64 {
         .unwrap_or(0)
 }
 
-/// The thread-local handle on the calling thread's slot.
-struct Local {
-    /// Fast-path pointer into `owner`; null when the thread has no slot.
-    slot: Cell<*const Slot>,
-    /// Keeps the slot alive for as long as the pointer is set.
-    owner: RefCell<Option<Arc<Slot>>>,
+/// Keeps the calling thread's slot alive for as long as [`SLOT`] points to it.
+struct Owner {
+    slot: RefCell<Option<Arc<Slot>>>,
 }
 
-impl Drop for Local {
+impl Drop for Owner {
     fn drop(&mut self) {
-        self.slot.set(ptr::null());
-        if let Some(slot) = self.owner.get_mut().take() {
+        // `SLOT` has no destructor, so it is still there while thread-locals are torn down.
+        SLOT.set(ptr::null());
+        if let Some(slot) = self.slot.get_mut().take() {
             slot.dead.store(true, Ordering::Release);
         }
     }
@@ -95,21 +95,15 @@ impl Drop for Local {
 /// one thread-local read and a null check when the thread has no slot.
 #[inline]
 pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
-    LOCAL
-        .try_with(|local| {
-            let slot = local.slot.get();
-            if slot.is_null() {
-                None
-            } else {
-                // SAFETY: `slot` points into the `Arc` held by `local.owner`, and the
-                // pointer is cleared before that `Arc` is dropped or replaced (`Drop for
-                // Local`, `register`). The slot is only accessed through shared
-                // references and atomics.
-                Some(f(unsafe { &*slot }))
-            }
-        })
-        .ok()
-        .flatten()
+    let slot = SLOT.get();
+    if slot.is_null() {
+        None
+    } else {
+        // SAFETY: `slot` points into the `Arc` held by `OWNER`, and the pointer is cleared
+        // before that `Arc` is dropped or replaced (`Drop for Owner`, `register_with`). The
+        // slot is only accessed through shared references and atomics.
+        Some(f(unsafe { &*slot }))
+    }
 }
 
 /// One runtime worker thread's state.
@@ -127,7 +121,6 @@ pub(crate) struct Slot {
     parked: AtomicBool,
     ring: [AtomicU64; RING],
     ring_head: AtomicUsize,
-    last_ring_id: AtomicU64,
     task_id: AtomicU64,
     spawned_at: AtomicPtr<Location<'static>>,
     dead: AtomicBool,
@@ -232,7 +225,6 @@ impl Slot {
             parked: AtomicBool::new(false),
             ring: std::array::from_fn(|_| AtomicU64::new(0)),
             ring_head: AtomicUsize::new(0),
-            last_ring_id: AtomicU64::new(0),
             task_id: AtomicU64::new(0),
             spawned_at: AtomicPtr::new(ptr::null_mut()),
             dead: AtomicBool::new(false),
@@ -345,13 +337,14 @@ impl Slot {
         }
     }
 
+    /// Records a poll-level span in the ring, unless it is the one recorded last (only the
+    /// owner writes the ring, so reading back its own last entry needs no extra field).
     #[inline]
     fn record_poll_span(&self, id: u64) {
-        if self.last_ring_id.load(Ordering::Relaxed) == id {
+        let head = self.ring_head.load(Ordering::Relaxed);
+        if self.ring[head.wrapping_sub(1) % RING].load(Ordering::Relaxed) == id {
             return;
         }
-        self.last_ring_id.store(id, Ordering::Relaxed);
-        let head = self.ring_head.load(Ordering::Relaxed);
         self.ring[head % RING].store(id, Ordering::Relaxed);
         self.ring_head
             .store(head.wrapping_add(1), Ordering::Release);
@@ -555,16 +548,16 @@ impl Registry {
             self.poll_hooks.load(Ordering::Relaxed),
             current_thread,
         ));
-        let installed = LOCAL
-            .try_with(|local| {
-                local.slot.set(ptr::null());
-                let Ok(mut owner) = local.owner.try_borrow_mut() else {
+        let installed = OWNER
+            .try_with(|owner| {
+                SLOT.set(ptr::null());
+                let Ok(mut owner) = owner.slot.try_borrow_mut() else {
                     return false;
                 };
                 if let Some(previous) = owner.replace(Arc::clone(&slot)) {
                     previous.dead.store(true, Ordering::Release);
                 }
-                local.slot.set(Arc::as_ptr(&slot));
+                SLOT.set(Arc::as_ptr(&slot));
                 true
             })
             .unwrap_or(false);
