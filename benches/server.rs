@@ -115,6 +115,12 @@ fn process_cpu_us() -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--paired-child") {
+        let batch: usize = args[i + 1].parse().expect("batch size");
+        let pairs: usize = args[i + 2].parse().expect("pair count");
+        paired_child(batch, pairs);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let variant = Variant::parse(&args[i + 1]);
         let requests: usize = args[i + 2].parse().expect("request count");
@@ -277,7 +283,221 @@ fn main() {
         med(&results[1], |r| r.spans_per_request),
         med(&results[2], |r| r.spans_per_request),
     );
+    println!();
+    paired(&exe);
     footer();
+}
+
+/// The paired A/B: one process, looplag switched on and off between batches of requests.
+fn paired(exe: &std::path::Path) {
+    let batch = pick(5_000, 2_000);
+    let pairs = pick(60, 10);
+    println!(
+        "**Paired, in one process.** Separate processes differ by more than 1 % from one \
+         another on this VM, so the same comparison is also made inside one process: \
+         {pairs} pairs of {batch}-request batches, looplag off then on, or on then off \
+         (alternating), with 100 ms idle before each batch. Off: looplag's layer behind a \
+         switch that returns at once, no watchdog (the runtime keeps looplag's park hooks, \
+         2 ns per park). On: the layer runs and the watchdog ticks every 10 ms (started \
+         and stopped while the server is idle, outside the measured batches). Server CPU \
+         is the CPU time of every thread but the client's (the client runs on the main \
+         thread), so the ratio is against the server's own cost."
+    );
+    println!();
+    let out = Command::new(exe)
+        .args(["--paired-child", &batch.to_string(), &pairs.to_string()])
+        .output()
+        .expect("run paired child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut cpu = Vec::new();
+    let mut rps = Vec::new();
+    let mut cpu_off = Vec::new();
+    for line in stdout.lines().filter(|l| l.starts_with("PAIR")) {
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [off_cpu, off_rps, on_cpu, on_rps] = v[..] {
+            cpu.push(on_cpu / off_cpu);
+            rps.push(on_rps / off_rps);
+            cpu_off.push(off_cpu);
+        }
+    }
+    if cpu.is_empty() {
+        println!(
+            "paired run failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    // Standard error of the mean, and a 95 % interval (normal approximation).
+    let interval = |v: &[f64]| {
+        let m = mean(v);
+        let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0).max(1.0);
+        let se = (var / v.len() as f64).sqrt();
+        (m, m - 1.96 * se, m + 1.96 * se)
+    };
+    let (cpu_mean, cpu_lo, cpu_hi) = interval(&cpu);
+    let (rps_mean, rps_lo, rps_hi) = interval(&rps);
+    println!(
+        "| paired, {} pairs | off | on / off: median | mean, 95 % interval | range |",
+        cpu.len()
+    );
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| server CPU per request | {:.2} µs | {:.4} | {:.4} ({:.4} … {:.4}) | {:.3} … {:.3} |",
+        median(&mut cpu_off.clone()),
+        median(&mut cpu.clone()),
+        cpu_mean,
+        cpu_lo,
+        cpu_hi,
+        cpu.iter().cloned().fold(f64::INFINITY, f64::min),
+        cpu.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    );
+    println!(
+        "| requests/s | | {:.4} | {:.4} ({:.4} … {:.4}) | {:.3} … {:.3} |",
+        median(&mut rps.clone()),
+        rps_mean,
+        rps_lo,
+        rps_hi,
+        rps.iter().cloned().fold(f64::INFINITY, f64::min),
+        rps.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    );
+}
+
+/// A layer that forwards to `inner` only while `on` is set.
+struct Switch<L> {
+    inner: L,
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<L, S> tracing_subscriber::Layer<S> for Switch<L>
+where
+    L: tracing_subscriber::Layer<S>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.inner.on_register_dispatch(subscriber);
+    }
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.inner.on_layer(subscriber);
+    }
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.on_new_span(attrs, id, ctx);
+        }
+    }
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.on_enter(id, ctx);
+        }
+    }
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.on_exit(id, ctx);
+        }
+    }
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if self.on.load(Ordering::Relaxed) {
+            self.inner.on_close(id, ctx);
+        }
+    }
+}
+
+/// CPU time of every thread of this process but the calling one, in µs.
+fn other_threads_cpu_us() -> f64 {
+    // SAFETY: `clock_gettime` writes the timespec we pass.
+    let own = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+    };
+    process_cpu_us() - own
+}
+
+/// The paired child: prints `PAIR off-cpu-µs/req off-rps on-cpu-µs/req on-rps` per pair.
+fn paired_child(batch: usize, pairs: usize) {
+    let exported = CountingExporter::default();
+    let processor = BatchSpanProcessor::builder(exported.clone())
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(1 << 16)
+                .with_max_export_batch_size(512)
+                .with_scheduled_delay(Duration::from_millis(100))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("server"));
+    let looplag = looplag::LoopLag::builder()
+        .tracer(provider.tracer("looplag"))
+        .build()
+        .expect("looplag");
+    let on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // looplag's layer first, as its documentation says.
+    tracing_subscriber::registry()
+        .with(Switch {
+            inner: looplag.layer(),
+            on: Arc::clone(&on),
+        })
+        .with(otel)
+        .init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    looplag.hook_runtime(&mut builder);
+    let server_runtime = builder.build().expect("runtime");
+    let listener = server_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hello", axum::routing::get(hello))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    server_runtime.spawn(async move { axum::serve(listener, app).await });
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client.block_on(load(addr, 4000));
+
+    // One batch with looplag on or off; returns (server CPU µs per request, requests/s).
+    let measure = |enabled: bool| -> (f64, f64) {
+        // Switch only while the server is idle: no span is entered on a worker, so the
+        // layer sees every enter with its exit.
+        std::thread::sleep(Duration::from_millis(50));
+        on.store(enabled, Ordering::SeqCst);
+        let watchdog = enabled.then(|| looplag.start(server_runtime.handle()).expect("start"));
+        std::thread::sleep(Duration::from_millis(50));
+        let cpu = other_threads_cpu_us();
+        let started = Instant::now();
+        client.block_on(load(addr, batch));
+        let elapsed = started.elapsed();
+        let cpu = other_threads_cpu_us() - cpu;
+        std::thread::sleep(Duration::from_millis(20));
+        drop(watchdog);
+        (cpu / batch as f64, batch as f64 / elapsed.as_secs_f64())
+    };
+    for pair in 0..pairs {
+        let (off, on) = if pair % 2 == 0 {
+            let off = measure(false);
+            (off, measure(true))
+        } else {
+            let on = measure(true);
+            (measure(false), on)
+        };
+        println!("PAIR {:.4} {:.1} {:.4} {:.1}", off.0, off.1, on.0, on.1);
+    }
+    on.store(false, Ordering::SeqCst);
+    let _ = provider.force_flush();
 }
 
 /// One run: server + load generator in this process; prints
