@@ -422,8 +422,8 @@ fn other_threads_cpu_us() -> f64 {
     process_cpu_us() - own
 }
 
-/// The paired child: prints `PAIR off-cpu-µs/req off-rps on-cpu-µs/req on-rps` per pair.
-fn paired_child(batch: usize, pairs: usize) {
+/// The spans' way out: a batch span processor (its own thread) into a counting exporter.
+fn span_pipeline() -> (CountingExporter, SdkTracerProvider) {
     let exported = CountingExporter::default();
     let processor = BatchSpanProcessor::builder(exported.clone())
         .with_batch_config(
@@ -437,6 +437,25 @@ fn paired_child(batch: usize, pairs: usize) {
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .build();
+    (exported, provider)
+}
+
+/// Starts the axum server (one route, tower-http's `TraceLayer`) on `runtime`, on loopback.
+fn serve(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hello", axum::routing::get(hello))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The paired child: prints `PAIR off-cpu-µs/req off-rps on-cpu-µs/req on-rps` per pair.
+fn paired_child(batch: usize, pairs: usize) {
+    let (_exported, provider) = span_pipeline();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("server"));
     let looplag = looplag::LoopLag::builder()
         .tracer(provider.tracer("looplag"))
@@ -455,14 +474,7 @@ fn paired_child(batch: usize, pairs: usize) {
     builder.worker_threads(2).enable_all();
     looplag.hook_runtime(&mut builder);
     let server_runtime = builder.build().expect("runtime");
-    let listener = server_runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new()
-        .route("/hello", axum::routing::get(hello))
-        .layer(tower_http::trace::TraceLayer::new_for_http());
-    server_runtime.spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(&server_runtime);
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -503,19 +515,7 @@ fn paired_child(batch: usize, pairs: usize) {
 /// One run: server + load generator in this process; prints
 /// `RESULT rps p50 p99 spans/req cpu-µs/req`.
 fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
-    let exported = CountingExporter::default();
-    let processor = BatchSpanProcessor::builder(exported.clone())
-        .with_batch_config(
-            BatchConfigBuilder::default()
-                .with_max_queue_size(1 << 16)
-                .with_max_export_batch_size(512)
-                .with_scheduled_delay(Duration::from_millis(100))
-                .build(),
-        )
-        .build();
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .build();
+    let (exported, provider) = span_pipeline();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("server"));
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -549,14 +549,7 @@ fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
         (builder.build().expect("runtime"), None)
     };
 
-    let listener = server_runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new()
-        .route("/hello", axum::routing::get(hello))
-        .layer(tower_http::trace::TraceLayer::new_for_http());
-    server_runtime.spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(&server_runtime);
 
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
