@@ -211,8 +211,9 @@ struct Watch {
     previous_tick: u64,
     started: Instant,
     warned_unhooked: bool,
-    /// Per slot (by thread uid): the busy word first seen, with the thread's CPU time then.
-    cpu_seen: HashMap<u64, (u64, Duration, u64)>,
+    /// Per slot (by thread uid): the activity word last seen, and once a second tick has
+    /// seen the same word, the thread's CPU time and the raw time then.
+    cpu_seen: HashMap<u64, (u64, Option<(Duration, u64)>)>,
     stacks: StackBudget,
     finishing: Vec<Ended>,
     symbolizer: Option<Symbolizer>,
@@ -441,9 +442,12 @@ impl Watch {
         }
     }
 
-    /// Notes each running thread's CPU time the first time a tick sees its current activity,
-    /// so a stall's CPU share can be measured from then on. One CPU-clock read per new poll
-    /// seen by a tick; nothing for parked threads.
+    /// Notes a running thread's CPU time when a second tick in a row sees the same activity
+    /// (a poll that has lasted at least part of an interval: a possible stall), so a stall's
+    /// CPU share can be measured from then on. Reading another thread's CPU clock is a system
+    /// call with a thread lookup in the kernel; under load every tick sees a new poll on
+    /// every worker, and reading at first sight made those reads almost half of the
+    /// watchdog's CPU time. Nothing for parked threads.
     fn track_cpu(&mut self, slots: &[Arc<Slot>], now: u64) {
         self.cpu_seen
             .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
@@ -453,13 +457,14 @@ impl Watch {
                 continue;
             }
             let word = snapshot.word & !FLAGGED;
-            let fresh = self
-                .cpu_seen
-                .get(&slot.thread_uid)
-                .is_none_or(|(seen, _, _)| *seen != word);
-            if fresh {
-                if let Some(cpu) = slot.cpu_time() {
-                    self.cpu_seen.insert(slot.thread_uid, (word, cpu, now));
+            match self.cpu_seen.get_mut(&slot.thread_uid) {
+                Some((seen, window)) if *seen == word => {
+                    if window.is_none() {
+                        *window = slot.cpu_time().map(|cpu| (cpu, now));
+                    }
+                }
+                _ => {
+                    self.cpu_seen.insert(slot.thread_uid, (word, None));
                 }
             }
         }
@@ -490,8 +495,8 @@ impl Watch {
         let window = self
             .cpu_seen
             .get(&slot.thread_uid)
-            .filter(|(seen, _, _)| *seen == word & !FLAGGED)
-            .map(|&(_, cpu, at)| (cpu, at));
+            .filter(|(seen, _)| *seen == word & !FLAGGED)
+            .and_then(|&(_, window)| window);
         let (kind, cpu_time) = match (window, cpu_now) {
             (Some((cpu0, at)), Some(cpu)) if clock::delta(at, now) > Duration::ZERO => {
                 let wall = clock::delta(at, now);
