@@ -9,9 +9,8 @@
 //! monomorphised for the subscriber type (the same technique `tracing-opentelemetry` uses
 //! for its `Span` extension).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::OnceCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::span::{Attributes, Id};
@@ -71,62 +70,201 @@ struct RootMark(Arc<RootInfo>);
 
 /// The in-flight local roots, for marking the victims of a stall.
 ///
-/// The table holds weak references keyed by a token that is never reused; the span's
-/// [`RootMark`] holds the strong one. A closing span therefore costs looplag nothing: no
-/// `on_close` hook, no lock, no lookup; its entry just goes dead. Whoever inserts prunes
-/// dead entries once the table has doubled since the last prune, which keeps it within
-/// twice the number of in-flight roots (at least [`Roots::PRUNE_MIN`] entries) for an
-/// amortised O(1) per root, whether or not a watchdog runs.
+/// Each thread that creates roots gets its own table (made on its first root and listed
+/// here), so creating a root takes only that thread's uncontended lock: a single
+/// process-wide table made every worker creating a root bounce one lock's cache line. The
+/// tables hold weak references; the span's [`RootMark`] holds the strong one. A closing
+/// span therefore costs looplag nothing: no `on_close` hook, no lock, no lookup; its entry
+/// just goes dead. Each thread prunes dead entries from its table once the table has
+/// doubled since the last prune, which keeps it within twice the number of roots it has in
+/// flight (at least [`Table::PRUNE_MIN`] entries) for an amortised O(1) per root, whether or
+/// not a watchdog runs.
+///
+/// Roots can outlive their thread (a request's span moved to another thread): a table stays
+/// listed after its thread exits until all its entries are dead. A root created after the
+/// thread's thread-locals are gone goes to a shared fallback table.
 struct Roots {
-    map: HashMap<u64, Weak<RootInfo>, BuildHasherDefault<TokenHasher>>,
+    tables: Mutex<Tables>,
+    /// For roots created during thread teardown, when the thread-local table is gone.
+    fallback: Arc<Table>,
+}
+
+/// Every thread's root table, and the fallback one.
+struct Tables {
+    list: Vec<Arc<Table>>,
+    /// Length at which tables of exited threads are next looked at for dropping.
     prune_at: usize,
 }
 
-impl Roots {
-    /// Size below which the table is never pruned. Small: dead entries keep their
-    /// `RootInfo` allocation (a `Weak` holds it), and a table of a thousand such entries cost
-    /// every request cache misses (`new root span + close` +120 ns at 1024, +76 ns at 128).
-    const PRUNE_MIN: usize = 128;
+/// One thread's in-flight roots (weak references, some possibly dead).
+struct Table {
+    /// `slots::thread_uid()` of the owning thread (unused for the fallback table).
+    thread_uid: u64,
+    /// The owning thread has exited: no more entries will be added.
+    exited: AtomicBool,
+    entries: Mutex<Entries>,
+}
 
-    fn new() -> Self {
-        Roots {
-            map: HashMap::default(),
-            prune_at: Self::PRUNE_MIN,
+struct Entries {
+    roots: Vec<Weak<RootInfo>>,
+    /// Length at which dead entries are next pruned.
+    prune_at: usize,
+}
+
+/// The calling thread's root table; tells the table when the thread exits.
+struct LocalTable {
+    table: OnceCell<Arc<Table>>,
+}
+
+thread_local! {
+    static LOCAL_TABLE: LocalTable = const { LocalTable { table: OnceCell::new() } };
+}
+
+impl Drop for LocalTable {
+    fn drop(&mut self) {
+        if let Some(table) = self.table.take() {
+            shared().roots.thread_exited(&table);
         }
-    }
-
-    fn insert(&mut self, info: &Arc<RootInfo>) {
-        self.map.insert(info.token, Arc::downgrade(info));
-        if self.map.len() >= self.prune_at {
-            self.map.retain(|_, root| root.strong_count() > 0);
-            self.prune_at = self.map.len().saturating_mul(2).max(Self::PRUNE_MIN);
-        }
-    }
-
-    /// The roots whose span is still open.
-    fn live(&self) -> impl Iterator<Item = Arc<RootInfo>> + '_ {
-        self.map.values().filter_map(Weak::upgrade)
     }
 }
 
-/// Hashes root tokens (sequential integers looplag hands out itself, so SipHash's
-/// resistance to chosen keys buys nothing) with one multiplication, as FxHash does.
-#[derive(Default)]
-struct TokenHasher(u64);
-
-impl Hasher for TokenHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
+impl Entries {
+    fn new() -> Self {
+        Entries {
+            roots: Vec::new(),
+            prune_at: Table::PRUNE_MIN,
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    /// Drops the dead entries; returns whether any are left.
+    fn prune(&mut self) -> bool {
+        self.roots.retain(|root| root.strong_count() > 0);
+        self.prune_at = self.roots.len().saturating_mul(2).max(Table::PRUNE_MIN);
+        !self.roots.is_empty()
+    }
+}
+
+impl Table {
+    /// Size below which a table is never pruned. Small: dead entries keep their `RootInfo`
+    /// allocation (a `Weak` holds it), and a table of a thousand such entries cost every
+    /// request cache misses (`new root span + close` +120 ns at 1024, +76 ns at 128 with
+    /// one process-wide table). With one table per thread, 32, 64 and 128 measured within
+    /// 1 ns of each other; 64 keeps less dead memory per thread.
+    const PRUNE_MIN: usize = 64;
+
+    fn new(thread_uid: u64) -> Self {
+        Table {
+            thread_uid,
+            exited: AtomicBool::new(false),
+            entries: Mutex::new(Entries::new()),
+        }
+    }
+
+    fn insert(&self, root: Weak<RootInfo>) {
+        let mut entries = lock(&self.entries);
+        entries.roots.push(root);
+        if entries.roots.len() >= entries.prune_at {
+            entries.prune();
+        }
+    }
+
+    /// Whether the table must stay listed: its thread is alive or it has live entries.
+    /// Prunes the dead entries of an exited thread's table (nobody else will).
+    fn in_use(&self) -> bool {
+        !self.exited.load(Ordering::Acquire) || lock(&self.entries).prune()
+    }
+}
+
+impl Roots {
+    /// Number of listed tables below which tables of exited threads are not looked at when
+    /// a new table is listed (the watchdog drops them anyway when it goes through the roots).
+    const TABLES_PRUNE_MIN: usize = 16;
+
+    fn new() -> Self {
+        let fallback = Arc::new(Table::new(0));
+        Roots {
+            tables: Mutex::new(Tables {
+                list: vec![Arc::clone(&fallback)],
+                prune_at: Self::TABLES_PRUNE_MIN,
+            }),
+            fallback,
+        }
+    }
+
+    /// Records a new root created on the calling thread, once `mark` has marked its span
+    /// with it (so that every listed root can be found from its span). `mark` gets the only
+    /// strong reference: no reference count is touched twice.
+    fn insert(&self, id: u64, token: u64, mark: impl FnOnce(Arc<RootInfo>)) {
+        let new = |created_on| {
+            Arc::new(RootInfo {
+                id,
+                token,
+                created_on,
+                last_polled_on: AtomicU64::new(0),
+            })
+        };
+        let mut mark = Some(mark);
+        let mut mark = |info: Arc<RootInfo>| {
+            let weak = Arc::downgrade(&info);
+            if let Some(mark) = mark.take() {
+                mark(info);
+            }
+            weak
+        };
+        let local = LOCAL_TABLE.try_with(|local| {
+            let table = local.table.get_or_init(|| self.register());
+            let weak = mark(new(table.thread_uid));
+            table.insert(weak);
+        });
+        if local.is_err() {
+            // The thread is exiting and its table is gone.
+            let weak = mark(new(slots::thread_uid()));
+            self.fallback.insert(weak);
+        }
+    }
+
+    /// Lists a new table for the calling thread; drops the tables of exited threads with no
+    /// live roots left once the list has doubled since they were last looked at.
+    #[cold]
+    fn register(&self) -> Arc<Table> {
+        let table = Arc::new(Table::new(slots::thread_uid()));
+        let mut tables = lock(&self.tables);
+        if tables.list.len() >= tables.prune_at {
+            tables.list.retain(|table| table.in_use());
+            tables.prune_at = tables
+                .list
+                .len()
+                .saturating_mul(2)
+                .max(Self::TABLES_PRUNE_MIN);
+        }
+        tables.list.push(Arc::clone(&table));
+        table
+    }
+
+    /// The thread owning `table` is exiting: its table stays listed only while some of its
+    /// roots are open.
+    fn thread_exited(&self, table: &Arc<Table>) {
+        table.exited.store(true, Ordering::Release);
+        if !lock(&table.entries).prune() {
+            lock(&self.tables)
+                .list
+                .retain(|listed| !Arc::ptr_eq(listed, table));
+        }
+    }
+
+    /// Calls `f` with every root whose span is still open; drops the tables of exited
+    /// threads that have none left.
+    fn for_each_live(&self, mut f: impl FnMut(Arc<RootInfo>)) {
+        let mut tables = lock(&self.tables);
+        tables.list.retain(|table| {
+            if !table.in_use() {
+                return false;
+            }
+            for root in lock(&table.entries).roots.iter().filter_map(Weak::upgrade) {
+                f(root);
+            }
+            true
+        });
     }
 }
 
@@ -189,7 +327,7 @@ impl Lookups {
 /// Process-wide state shared by every `LoopLagLayer` and every watchdog.
 pub(crate) struct Shared {
     dispatch: Mutex<Option<(tracing::dispatcher::WeakDispatch, Lookups)>>,
-    roots: Mutex<Roots>,
+    roots: Roots,
     next_token: AtomicU64,
 }
 
@@ -197,7 +335,7 @@ pub(crate) fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| Shared {
         dispatch: Mutex::new(None),
-        roots: Mutex::new(Roots::new()),
+        roots: Roots::new(),
         next_token: AtomicU64::new(1),
     })
 }
@@ -244,26 +382,28 @@ impl Shared {
         exclude: impl Fn(u64) -> bool,
         limit: usize,
     ) -> (Vec<Arc<RootInfo>>, usize) {
-        let roots = lock(&self.roots);
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
-        for root in roots.live() {
+        self.roots.for_each_live(|root| {
             if exclude(root.token) || root.token >= ended || !root.waited_on(thread) {
-                continue;
+                return;
             }
             if chosen.len() < limit {
                 chosen.push(root);
             } else {
                 dropped = dropped.saturating_add(1);
             }
-        }
+        });
         (chosen, dropped)
     }
 
     /// Number of in-flight local roots being tracked.
     #[allow(dead_code)]
     pub(crate) fn roots_in_flight(&self) -> usize {
-        lock(&self.roots).live().count()
+        let mut count = 0usize;
+        self.roots
+            .for_each_live(|_| count = count.saturating_add(1));
+        count
     }
 }
 
@@ -401,14 +541,10 @@ where
             return;
         };
         let shared = shared();
-        let info = Arc::new(RootInfo {
-            id: id.into_u64(),
-            token: shared.next_token.fetch_add(1, Ordering::Relaxed),
-            created_on: slots::thread_uid(),
-            last_polled_on: AtomicU64::new(0),
+        let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
+        shared.roots.insert(id.into_u64(), token, |info| {
+            span.extensions_mut().insert(RootMark(info));
         });
-        span.extensions_mut().insert(RootMark(Arc::clone(&info)));
-        lock(&shared.roots).insert(&info);
     }
 
     /// Records the entered span in the worker's slot.
@@ -451,14 +587,38 @@ mod tests {
     use super::*;
     use tracing_subscriber::layer::SubscriberExt;
 
-    /// The tokens of the live roots whose span id is in `ids` (the table is process-wide,
+    /// The tokens of the live roots whose span id is in `ids` (the tables are process-wide,
     /// so look only at this test's spans).
     fn live_tokens(ids: &[u64]) -> Vec<u64> {
-        lock(&shared().roots)
-            .live()
-            .filter(|root| ids.contains(&root.id))
-            .map(|root| root.token)
+        let mut tokens = Vec::new();
+        shared().roots.for_each_live(|root| {
+            if ids.contains(&root.id) {
+                tokens.push(root.token);
+            }
+        });
+        tokens
+    }
+
+    fn span_ids(spans: &[tracing::Span]) -> Vec<u64> {
+        spans
+            .iter()
+            .filter_map(|span| span.id().map(|id| id.into_u64()))
             .collect()
+    }
+
+    /// The calling thread's root table.
+    fn own_table() -> Option<Arc<Table>> {
+        LOCAL_TABLE
+            .try_with(|local| local.table.get().cloned())
+            .ok()
+            .flatten()
+    }
+
+    fn listed(table: &Arc<Table>) -> bool {
+        lock(&shared().roots.tables)
+            .list
+            .iter()
+            .any(|listed| Arc::ptr_eq(listed, table))
     }
 
     #[test]
@@ -466,17 +626,16 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new());
         tracing::subscriber::with_default(subscriber, || {
             let open: Vec<_> = (0..10).map(|_| tracing::info_span!("open")).collect();
-            let ids: Vec<u64> = open
-                .iter()
-                .filter_map(|span| span.id().map(|id| id.into_u64()))
-                .collect();
-            for _ in 0..10 * Roots::PRUNE_MIN {
+            let ids = span_ids(&open);
+            for _ in 0..10 * Table::PRUNE_MIN {
                 drop(tracing::info_span!("request"));
             }
             let child = tracing::info_span!(parent: &open[0], "child");
-            let tracked = lock(&shared().roots).map.len();
+            let table = own_table().expect("the thread has a root table");
+            assert!(listed(&table), "the thread's table is listed");
+            let tracked = lock(&table.entries).roots.len();
             assert!(
-                tracked <= Roots::PRUNE_MIN,
+                tracked <= Table::PRUNE_MIN,
                 "closed roots are pruned: {tracked} entries"
             );
             let tokens = live_tokens(&ids);
@@ -487,12 +646,46 @@ mod tests {
             );
             drop(child);
             drop(open);
-            let still_live: Vec<u64> = lock(&shared().roots)
-                .live()
-                .map(|root| root.token)
-                .filter(|token| tokens.contains(token))
-                .collect();
-            assert!(still_live.is_empty(), "closing a root kills its entry");
+            assert!(
+                live_tokens(&ids).is_empty(),
+                "closing a root kills its entry"
+            );
         });
+    }
+
+    #[test]
+    fn roots_outlive_their_thread_and_its_table_goes_when_they_close() {
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new()));
+        let on_thread = dispatch.clone();
+        let (open, table) = std::thread::spawn(move || {
+            tracing::dispatcher::with_default(&on_thread, || {
+                let open: Vec<_> = (0..5).map(|_| tracing::info_span!("moved")).collect();
+                drop(tracing::info_span!("closed"));
+                let table = own_table().expect("the thread has a root table");
+                (open, Arc::downgrade(&table))
+            })
+        })
+        .join()
+        .expect("root-creating thread");
+        let ids = span_ids(&open);
+        let alive = table.upgrade().expect("the exited thread's table is kept");
+        assert!(
+            alive.exited.load(Ordering::Acquire),
+            "the thread has exited"
+        );
+        assert!(listed(&alive), "a table with open roots stays listed");
+        assert_eq!(
+            lock(&alive.entries).roots.len(),
+            5,
+            "the exiting thread pruned its closed root"
+        );
+        drop(alive);
+        assert_eq!(live_tokens(&ids).len(), 5, "open roots stay visible");
+        tracing::dispatcher::with_default(&dispatch, || drop(open));
+        assert!(live_tokens(&ids).is_empty(), "closed roots are dead");
+        assert!(
+            table.upgrade().is_none(),
+            "the table of an exited thread goes once its roots are closed"
+        );
     }
 }
