@@ -109,6 +109,8 @@ struct Entries {
     roots: Vec<Weak<RootInfo>>,
     /// Length at which dead entries are next pruned.
     prune_at: usize,
+    /// The token of this table's next root.
+    next_token: u64,
 }
 
 /// The calling thread's root table; tells the table when the thread exits.
@@ -133,6 +135,7 @@ impl Entries {
         Entries {
             roots: Vec::new(),
             prune_at: Table::PRUNE_MIN,
+            next_token: 1,
         }
     }
 
@@ -153,15 +156,26 @@ impl Table {
     const PRUNE_MIN: usize = 64;
 
     fn new(thread_uid: u64) -> Self {
+        let mut entries = Entries::new();
+        // Tokens are unique process-wide without a shared counter: the thread's uid (never
+        // reused) in the high bits, the table's own count below (2^40 roots per thread).
+        entries.next_token = (thread_uid << Self::TOKEN_BITS) | 1;
         Table {
             thread_uid,
             exited: AtomicBool::new(false),
-            entries: Mutex::new(Entries::new()),
+            entries: Mutex::new(entries),
         }
     }
 
-    fn insert(&self, root: Weak<RootInfo>) {
+    /// Bits of a token that count the table's roots.
+    const TOKEN_BITS: u32 = 40;
+
+    /// Lists the root `make` builds with the token it is given.
+    fn insert(&self, make: impl FnOnce(u64) -> Weak<RootInfo>) {
         let mut entries = lock(&self.entries);
+        let token = entries.next_token;
+        entries.next_token = token.wrapping_add(1);
+        let root = make(token);
         entries.roots.push(root);
         if entries.roots.len() >= entries.prune_at {
             entries.prune();
@@ -191,20 +205,19 @@ impl Roots {
         }
     }
 
-    /// Records a new root created on the calling thread, once `mark` has marked its span
-    /// with it (so that every listed root can be found from its span). `mark` gets the only
-    /// strong reference: no reference count is touched twice.
-    fn insert(&self, id: u64, token: u64, mark: impl FnOnce(Arc<RootInfo>)) {
-        let new = |created_on| {
-            Arc::new(RootInfo {
+    /// Records a new root created on the calling thread in epoch `epoch`, once `mark` has
+    /// marked its span with it (so that every listed root can be found from its span).
+    /// `mark` gets the only strong reference: no reference count is touched twice.
+    fn insert(&self, id: u64, epoch: u64, mark: impl FnOnce(Arc<RootInfo>)) {
+        let mut mark = Some(mark);
+        let mut make = |token, created_on| {
+            let info = Arc::new(RootInfo {
                 id,
                 token,
+                epoch,
                 created_on,
                 last_polled_on: AtomicU64::new(0),
-            })
-        };
-        let mut mark = Some(mark);
-        let mut mark = |info: Arc<RootInfo>| {
+            });
             let weak = Arc::downgrade(&info);
             if let Some(mark) = mark.take() {
                 mark(info);
@@ -213,13 +226,12 @@ impl Roots {
         };
         let local = LOCAL_TABLE.try_with(|local| {
             let table = local.table.get_or_init(|| self.register());
-            let weak = mark(new(table.thread_uid));
-            table.insert(weak);
+            table.insert(|token| make(token, table.thread_uid));
         });
         if local.is_err() {
             // The thread is exiting and its table is gone.
-            let weak = mark(new(slots::thread_uid()));
-            self.fallback.insert(weak);
+            let created_on = slots::thread_uid();
+            self.fallback.insert(|token| make(token, created_on));
         }
     }
 
@@ -275,6 +287,8 @@ pub(crate) struct RootInfo {
     pub(crate) id: u64,
     /// Process-unique token, never reused, to tell this span from a later one with the same id.
     pub(crate) token: u64,
+    /// The roots epoch when the span was created (see [`roots_epoch_now`]).
+    pub(crate) epoch: u64,
     /// `slots::thread_uid()` of the thread that created the span.
     pub(crate) created_on: u64,
     /// `slots::thread_uid()` of the worker that last polled it (0: not seen polled yet).
@@ -328,7 +342,7 @@ impl Lookups {
 pub(crate) struct Shared {
     dispatch: Mutex<Option<(tracing::dispatcher::WeakDispatch, Lookups)>>,
     roots: Roots,
-    next_token: AtomicU64,
+    epoch: AtomicU64,
 }
 
 pub(crate) fn shared() -> &'static Shared {
@@ -336,15 +350,21 @@ pub(crate) fn shared() -> &'static Shared {
     SHARED.get_or_init(|| Shared {
         dispatch: Mutex::new(None),
         roots: Roots::new(),
-        next_token: AtomicU64::new(1),
+        epoch: AtomicU64::new(1),
     })
 }
 
-/// The tokens issued to local roots so far: every root created from now on gets a token
-/// at least this. A root created after a stall ended did not wait for it; comparing
-/// tokens tells that apart without a clock read per root.
-pub(crate) fn root_tokens_issued() -> u64 {
-    shared().next_token.load(Ordering::Relaxed)
+/// Starts a new roots epoch and returns it: every root created from now on is stamped with
+/// it or a later one, every root created before with an earlier one. A root created after a
+/// stall ended did not wait for it; comparing epochs tells that apart without a clock read
+/// per root. Called when a stall's end is noted (rare); a root only loads the epoch, a
+/// cache line that stays shared between the workers, where a counter bumped by every root
+/// made them take turns owning it.
+pub(crate) fn roots_epoch_now() -> u64 {
+    shared()
+        .epoch
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(1)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,8 +391,8 @@ impl Shared {
         })
     }
 
-    /// The in-flight local roots created before the stall ended (a token below `ended`,
-    /// see [`root_tokens_issued`]), that waited on worker thread
+    /// The in-flight local roots created before the stall ended (an epoch below `ended`,
+    /// see [`roots_epoch_now`]), that waited on worker thread
     /// `thread`, except those whose token `exclude` picks, at most `limit` of them; also
     /// returns how many more there were.
     pub(crate) fn victims(
@@ -385,7 +405,7 @@ impl Shared {
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
         self.roots.for_each_live(|root| {
-            if exclude(root.token) || root.token >= ended || !root.waited_on(thread) {
+            if exclude(root.token) || root.epoch >= ended || !root.waited_on(thread) {
                 return;
             }
             if chosen.len() < limit {
@@ -541,8 +561,8 @@ where
             return;
         };
         let shared = shared();
-        let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
-        shared.roots.insert(id.into_u64(), token, |info| {
+        let epoch = shared.epoch.load(Ordering::Relaxed);
+        shared.roots.insert(id.into_u64(), epoch, |info| {
             span.extensions_mut().insert(RootMark(info));
         });
     }

@@ -112,8 +112,8 @@ pub(crate) struct Slot {
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
-    /// Root tokens issued when a flagged poll ended (`layer::root_tokens_issued`): the
-    /// roots created before the end. Published with `end`.
+    /// The roots epoch started when a flagged poll ended (`layer::roots_epoch_now`): the
+    /// roots created before the end have an earlier one. Published with `end`.
     end_roots: AtomicU64,
     depth: AtomicUsize,
     base: AtomicUsize,
@@ -157,7 +157,7 @@ impl std::fmt::Debug for Slot {
 }
 
 /// A poll the watchdog flagged: the flagged activity word, the raw time of the flag and
-/// the root tokens issued by then.
+/// the roots epoch it started.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Flag {
     pub(crate) word: u64,
@@ -172,7 +172,7 @@ pub(crate) struct PollEnd {
     pub(crate) at: u64,
     /// The owner's CPU time at the end, when it published one.
     pub(crate) cpu: Option<Duration>,
-    /// Local roots with a token below this were created before the end.
+    /// Local roots with an epoch below this were created before the end.
     pub(crate) roots_before: u64,
 }
 
@@ -273,7 +273,7 @@ impl Slot {
     #[cold]
     fn publish_flagged_end(&self) {
         self.end_roots
-            .store(crate::layer::root_tokens_issued(), Ordering::Relaxed);
+            .store(crate::layer::roots_epoch_now(), Ordering::Relaxed);
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock

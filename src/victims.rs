@@ -174,7 +174,7 @@ pub(crate) fn root_closing(
         let Some(end) = stall.slot.flagged_end(&stall.flag) else {
             continue;
         };
-        if root.token >= end.roots_before {
+        if root.epoch >= end.roots_before {
             continue;
         }
         let mut marks = lock(&entry.marks);

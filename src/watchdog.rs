@@ -621,7 +621,7 @@ impl Watch {
             let flag = Flag {
                 word: snapshot.word | FLAGGED,
                 at: clock::raw(),
-                roots_before: layer::root_tokens_issued(),
+                roots_before: layer::roots_epoch_now(),
             };
             let info =
                 access.and_then(|access| entered.iter().rev().find_map(|&id| access.span_info(id)));
@@ -733,7 +733,7 @@ impl Watch {
             let ended_now = || PollEnd {
                 at: now,
                 cpu: None,
-                roots_before: layer::root_tokens_issued(),
+                roots_before: layer::roots_epoch_now(),
             };
             let ended = match &self.active[index].source {
                 Source::Exact { slot, flag } => {
@@ -1159,7 +1159,7 @@ impl Watch {
             let end = PollEnd {
                 at: anchor.raw,
                 cpu: None,
-                roots_before: layer::root_tokens_issued(),
+                roots_before: layer::roots_epoch_now(),
             };
             self.end(active, end, access.as_ref());
         }
