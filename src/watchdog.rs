@@ -24,6 +24,7 @@ use crate::probe::{Collected, Probe};
 use crate::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
 use crate::slots::{Flag, PollEnd, Slot, FLAGGED};
+use crate::stack::StackError;
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
 use crate::victims::{self, Marks, Pending, PendingGuard};
@@ -40,6 +41,9 @@ const RUNTIME_QUERY_TIMEOUT: Duration = Duration::from_millis(20);
 /// Shortest wait between two checks of an undriven current-thread runtime (the wait is the
 /// stall threshold, but not less): each check interrupts the thread.
 const MIN_RECHECK: Duration = Duration::from_millis(20);
+
+/// Most doublings of the recheck wait after runtime queries that timed out (64 thresholds).
+const MAX_QUERY_BACKOFF: u32 = 6;
 
 /// The watchdog thread's main loop; returns when `stop` is set.
 ///
@@ -124,6 +128,10 @@ struct WorkerTrack {
     /// driver thread outside `block_on` during the current `activity`; `None` while not
     /// asked.
     outside: Option<u64>,
+    /// Runtime queries of this worker's threads that timed out in a row (the thread blocks
+    /// the stack signal, or is stopped): each doubles the wait before the next query, so
+    /// that a thread that never answers does not hold up every tick.
+    query_timeouts: u32,
 }
 
 enum Source {
@@ -697,17 +705,34 @@ impl Watch {
                 };
                 (slot, track.activity_since)
             } else {
-                let recheck = self.inner.config.stall_threshold.max(MIN_RECHECK);
+                let recheck = self
+                    .inner
+                    .config
+                    .stall_threshold
+                    .max(MIN_RECHECK)
+                    .saturating_mul(1 << track.query_timeouts.min(MAX_QUERY_BACKOFF));
                 if track
                     .outside
                     .is_some_and(|checked| clock::delta(checked, now) < recheck)
                 {
                     continue;
                 }
+                let mut timed_out = false;
                 let driver = candidates.iter().find(|slot| {
-                    crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT)
-                        .unwrap_or(false)
+                    match crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT) {
+                        Ok(inside) => inside,
+                        Err(StackError::Timeout) => {
+                            timed_out = true;
+                            false
+                        }
+                        Err(_) => false,
+                    }
                 });
+                self.workers[index].query_timeouts = if timed_out {
+                    track.query_timeouts.saturating_add(1)
+                } else {
+                    0
+                };
                 let Some(driver) = driver else {
                     self.workers[index].outside = Some(now);
                     continue;
@@ -749,25 +774,29 @@ impl Watch {
                     slot,
                 } => {
                     let track = self.workers.get(*worker).copied().unwrap_or_default();
+                    let moved =
+                        track.activity != *activity || track.metrics.0 % 2 == 1 || self.shut_down;
                     // Current-thread: `block_on` may return right after the blocking poll,
-                    // leaving tokio's metrics as frozen as during the stall.
-                    let left_runtime = || {
-                        !self.multi_thread
-                            && slot.as_ref().is_some_and(|slot| {
-                                matches!(
-                                    crate::stack::in_runtime(
-                                        &slot.stack_target,
-                                        RUNTIME_QUERY_TIMEOUT
-                                    ),
-                                    Ok(false) | Err(crate::stack::StackError::ThreadGone)
-                                )
-                            })
-                    };
-                    (track.activity != *activity
-                        || track.metrics.0 % 2 == 1
-                        || self.shut_down
-                        || left_runtime())
-                    .then(ended_now)
+                    // leaving tokio's metrics as frozen as during the stall. A thread that
+                    // did not answer a query before is not asked again every tick.
+                    let query = (!moved && !self.multi_thread && track.query_timeouts == 0)
+                        .then(|| slot.clone())
+                        .flatten();
+                    let worker = *worker;
+                    let left_runtime = query.is_some_and(|slot| {
+                        match crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT) {
+                            Ok(inside) => !inside,
+                            Err(StackError::ThreadGone) => true,
+                            Err(StackError::Timeout) => {
+                                if let Some(track) = self.workers.get_mut(worker) {
+                                    track.query_timeouts = track.query_timeouts.saturating_add(1);
+                                }
+                                false
+                            }
+                            Err(_) => false,
+                        }
+                    });
+                    (moved || left_runtime).then(ended_now)
                 }
             };
             match ended {
