@@ -275,3 +275,74 @@ fn stall_outside_any_span_is_found_and_an_undriven_runtime_is_not_a_stall() {
     assert_eq!(h.stall_spans().len(), 1);
     assert_eq!(h.counter("tokio.eventloop.stalls"), 1);
 }
+
+/// A current-thread runtime driven by a thread that blocks the stack signal: looplag cannot
+/// ask it whether it is inside `block_on`, so a stall outside any span is not reported
+/// (rather than guessed), while a stall in a span still is, exact, with the stack marked as
+/// not taken; nothing hangs.
+#[test]
+fn a_driver_thread_that_blocks_the_stack_signal_gets_no_guessed_stalls() {
+    // With tokio's poll hooks every poll is exact and needs no query.
+    let expected = if cfg!(tokio_unstable) { 2 } else { 1 };
+    let h = harness(|b| b);
+    let runtime = current_thread(&h.looplag);
+    let reports = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain signal-set manipulation on this thread's own mask.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, looplag::DEFAULT_STACK_SIGNAL);
+                    assert_eq!(
+                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                        0
+                    );
+                }
+                let watchdog = h.looplag.start(runtime.handle()).expect("start");
+                runtime.block_on(async {
+                    tokio::spawn(async { std::thread::sleep(Duration::from_millis(400)) })
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::spawn(
+                        async { std::thread::sleep(Duration::from_millis(200)) }
+                            .instrument(tracing::info_span!("req_a")),
+                    )
+                    .await
+                    .unwrap();
+                });
+                assert!(
+                    wait_until(Duration::from_secs(10), || h.ended_reports().len()
+                        == expected),
+                    "the stall in a span is reported: {:#?}",
+                    h.reports()
+                );
+                drop(watchdog);
+                h.ended_reports()
+            })
+            .join()
+            .expect("driver thread")
+    });
+    assert_eq!(
+        reports.len(),
+        expected,
+        "the stall in a span, and with poll hooks the other one: {reports:#?}"
+    );
+    let report = reports
+        .iter()
+        .find(|report| report.span_name.is_some())
+        .expect("the stall in a span");
+    assert_eq!(report.span_name, Some("req_a"));
+    assert!(report.exact);
+    assert!(
+        report.duration >= Duration::from_millis(200)
+            && report.duration <= Duration::from_millis(200) + TOLERANCE,
+        "{report:#?}"
+    );
+    assert!(
+        matches!(report.stack, looplag::StackCapture::Failed(_)),
+        "the blocked signal never arrives: {:?}",
+        report.stack
+    );
+}
