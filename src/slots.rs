@@ -106,6 +106,17 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
     }
 }
 
+/// Whether the calling thread has a slot and is inside a span it entered since: then the
+/// registry's current span is set too (the registry pushes a span before the layer sees the
+/// enter, and pops it before the layer sees the exit). `false` says nothing: the thread may
+/// have no slot, or have entered its spans before it got one. One assumption: the entered
+/// span belongs to the subscriber now in use (true unless a thread switches between
+/// looplag-layered subscribers while inside a span).
+#[inline]
+pub(crate) fn inside_entered_span() -> bool {
+    with_current(|slot| slot.depth.load(Ordering::Relaxed) > 0).unwrap_or(false)
+}
+
 /// One runtime worker thread's state.
 pub(crate) struct Slot {
     word: AtomicU64,
