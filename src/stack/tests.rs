@@ -107,6 +107,20 @@ mod linux {
         stat.rsplit_once(')')?.1.trim_start().chars().next()
     }
 
+    /// Sends `signal` to thread `tid` of this process.
+    fn send_signal(tid: i32, signal: i32) {
+        // SAFETY: tgkill with this process, a live thread of it and a handled signal.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::c_long::from(tid),
+                libc::c_long::from(signal),
+            )
+        };
+        assert_eq!(rc, 0, "tgkill({tid}, {signal})");
+    }
+
     /// Waits (at most 5 s) until thread `tid` sleeps in the kernel.
     fn wait_until_sleeping(tid: i32) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -519,16 +533,7 @@ mod linux {
         let target = targets.recv_timeout(TIMEOUT).expect("target");
         let before = imp::ignored_count();
         for _ in 0..100 {
-            // SAFETY: tgkill with this process, a live thread of it and a handled signal.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_tgkill,
-                    libc::getpid(),
-                    libc::c_long::from(target.tid()),
-                    libc::c_long::from(DEFAULT_STACK_SIGNAL),
-                )
-            };
-            assert_eq!(rc, 0);
+            send_signal(target.tid(), DEFAULT_STACK_SIGNAL);
         }
         let deadline = Instant::now() + TIMEOUT;
         while imp::ignored_count() < before + 100 {
@@ -704,16 +709,7 @@ mod linux {
         };
         let target = targets.recv_timeout(TIMEOUT).expect("target");
         thread::sleep(Duration::from_millis(20));
-        // SAFETY: tgkill with this process, a live thread of it and a handled signal.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                libc::c_long::from(target.tid()),
-                libc::c_long::from(signal),
-            )
-        };
-        assert_eq!(rc, 0);
+        send_signal(target.tid(), signal);
         wait_until_sleeping(target.tid());
         let (frames, text) = capture_symbolized(&target);
         stop.store(true, Ordering::Relaxed);
