@@ -45,6 +45,24 @@ const MIN_RECHECK: Duration = Duration::from_millis(20);
 /// Most doublings of the recheck wait after runtime queries that timed out (64 thresholds).
 const MAX_QUERY_BACKOFF: u32 = 6;
 
+/// Asks `slot`'s thread whether it is inside a runtime's scheduler (`stack::in_runtime`):
+/// the answer (an exited thread is outside), or `None` when it cannot tell. Counts the
+/// timeouts in a row in `track` (any answer resets them).
+fn ask_in_runtime(track: &mut WorkerTrack, slot: &Slot) -> Option<bool> {
+    match crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT) {
+        Ok(inside) => {
+            track.query_timeouts = 0;
+            Some(inside)
+        }
+        Err(StackError::ThreadGone) => Some(false),
+        Err(StackError::Timeout) => {
+            track.query_timeouts = track.query_timeouts.saturating_add(1);
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// The watchdog thread's main loop; returns when `stop` is set.
 ///
 /// Ticks every sample interval on a fixed grid. After a tick that found the runtime idle
@@ -717,22 +735,10 @@ impl Watch {
                 {
                     continue;
                 }
-                let mut timed_out = false;
-                let driver = candidates.iter().find(|slot| {
-                    match crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT) {
-                        Ok(inside) => inside,
-                        Err(StackError::Timeout) => {
-                            timed_out = true;
-                            false
-                        }
-                        Err(_) => false,
-                    }
-                });
-                self.workers[index].query_timeouts = if timed_out {
-                    track.query_timeouts.saturating_add(1)
-                } else {
-                    0
-                };
+                let asked = &mut self.workers[index];
+                let driver = candidates
+                    .iter()
+                    .find(|slot| ask_in_runtime(asked, slot) == Some(true));
                 let Some(driver) = driver else {
                     self.workers[index].outside = Some(now);
                     continue;
@@ -782,20 +788,10 @@ impl Watch {
                     let query = (!moved && !self.multi_thread && track.query_timeouts == 0)
                         .then(|| slot.clone())
                         .flatten();
-                    let worker = *worker;
-                    let left_runtime = query.is_some_and(|slot| {
-                        match crate::stack::in_runtime(&slot.stack_target, RUNTIME_QUERY_TIMEOUT) {
-                            Ok(inside) => !inside,
-                            Err(StackError::ThreadGone) => true,
-                            Err(StackError::Timeout) => {
-                                if let Some(track) = self.workers.get_mut(worker) {
-                                    track.query_timeouts = track.query_timeouts.saturating_add(1);
-                                }
-                                false
-                            }
-                            Err(_) => false,
-                        }
-                    });
+                    let left_runtime = match (query, self.workers.get_mut(*worker)) {
+                        (Some(slot), Some(asked)) => ask_in_runtime(asked, &slot) == Some(false),
+                        _ => false,
+                    };
                     (moved || left_runtime).then(ended_now)
                 }
             };
