@@ -553,12 +553,15 @@ fn culprit(report: &StallReport) -> Vec<String> {
     }
     match report.stack.frames() {
         Some(frames) => {
-            // The top frames, down to the first one in this crate's code at least.
+            // The top frames, down to the first one in this crate's code at least: by its
+            // file, or by its function's path when the line belongs to code inlined into it
+            // (a spinning handler interrupted inside `u64::wrapping_add` names core's file).
             let ours = frames.iter().position(|frame| {
                 frame
                     .file
                     .as_deref()
                     .is_some_and(|file| file.starts_with(env!("CARGO_MANIFEST_DIR")))
+                    || frame.function.starts_with(concat!(module_path!(), "::"))
             });
             let shown = ours.map_or(STACK_FRAMES, |i| (i + 1).max(STACK_FRAMES));
             for (index, frame) in frames.iter().take(shown).enumerate() {
