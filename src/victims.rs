@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanContext, TraceContextExt};
@@ -102,12 +102,16 @@ struct Registry {
     list: Mutex<Vec<Arc<Entry>>>,
 }
 
+/// Constant-initialised, so `any_pending` (on every span close) is one load with no
+/// initialisation check.
+static REGISTRY: Registry = Registry {
+    count: AtomicUsize::new(0),
+    list: Mutex::new(Vec::new()),
+};
+
+#[inline]
 fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry {
-        count: AtomicUsize::new(0),
-        list: Mutex::new(Vec::new()),
-    })
+    &REGISTRY
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
