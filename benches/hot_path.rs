@@ -382,6 +382,13 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     // Built first: looplag resolves span ids through the subscriber registered last (one
     // per process, see the crate docs), which must be the one the registration check's
     // span lives in.
+    // Victim marking off: the layer records no request spans (its only per-root work).
+    let without_victims = dispatches_with_otel(
+        &LoopLag::builder()
+            .max_victims(0)
+            .build()
+            .expect("looplag, max_victims(0)"),
+    );
     let with_otel = dispatches_with_otel(&looplag);
     let subscribers = dispatches(&looplag);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -403,6 +410,19 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
                     rounds,
                     &with_otel,
                     "multi-thread worker (in a task), with tracing-opentelemetry",
+                    &[(
+                        "one request: root + child span, 3 boundary + 2 nested enters",
+                        request,
+                    )],
+                )
+                .await,
+            );
+            rows.extend(
+                measure_in_task(
+                    rounds,
+                    &without_victims,
+                    "multi-thread worker (in a task), with tracing-opentelemetry, looplag with \
+                     max_victims(0)",
                     &[(
                         "one request: root + child span, 3 boundary + 2 nested enters",
                         request,

@@ -145,9 +145,11 @@ impl LoopLag {
     /// The `tracing` layer to add to the subscriber.
     ///
     /// The layer finds the culprit span of a stall and the request spans that waited. All
-    /// instances share its state, so one layer serves every runtime in the process.
+    /// instances share its state, so one layer serves every runtime in the process. If
+    /// this instance was built with [`max_victims(0)`](Builder::max_victims), the layer
+    /// does not record request spans, so no instance gets victims through it.
     pub fn layer(&self) -> LoopLagLayer {
-        LoopLagLayer::new()
+        LoopLagLayer::new(self.inner.config.max_victims > 0)
     }
 
     /// Installs looplag's hooks on a tokio runtime builder.

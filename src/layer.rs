@@ -29,6 +29,14 @@ use crate::victims;
 /// `tracing-opentelemetry`'s layer. It keeps per-thread state for the watchdog and records
 /// nothing by itself: it never filters, and it never calls OpenTelemetry from a hook.
 ///
+/// # Request spans
+///
+/// For marking the victims of a stall, the layer records every local root span (a span with
+/// no parent in the process: one per request under tower-http's `TraceLayer`) when it is
+/// created, which is most of what it costs per request. A layer from an instance built with
+/// [`max_victims(0)`](crate::Builder::max_victims) records none: creating a span then costs
+/// it nothing, and no instance in the process marks victims through that layer.
+///
 /// # Layer order
 ///
 /// Add it **before** `tracing-opentelemetry`'s layer:
@@ -52,14 +60,24 @@ use crate::victims;
 /// });
 /// # Ok::<(), looplag::Error>(())
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoopLagLayer {
-    _private: (),
+    /// Whether local root spans are recorded for victim marking (off when the instance that
+    /// made the layer has `max_victims(0)`).
+    track_roots: bool,
+}
+
+impl Default for LoopLagLayer {
+    /// A layer that records request spans for victim marking, as
+    /// [`LoopLag::layer`](crate::LoopLag::layer) makes it with the default `max_victims`.
+    fn default() -> Self {
+        LoopLagLayer::new(true)
+    }
 }
 
 impl LoopLagLayer {
-    pub(crate) fn new() -> Self {
-        LoopLagLayer { _private: () }
+    pub(crate) fn new(track_roots: bool) -> Self {
+        LoopLagLayer { track_roots }
     }
 }
 
@@ -547,6 +565,9 @@ where
 
     /// Starts tracking a new local root span.
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if !self.track_roots {
+            return;
+        }
         let is_root = if attrs.is_root() {
             true
         } else if attrs.parent().is_some() || slots::inside_entered_span() {
@@ -646,7 +667,7 @@ mod tests {
 
     #[test]
     fn closed_roots_go_dead_and_are_pruned_open_roots_stay() {
-        let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new());
+        let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new(true));
         tracing::subscriber::with_default(subscriber, || {
             let open: Vec<_> = (0..10).map(|_| tracing::info_span!("open")).collect();
             let ids = span_ids(&open);
@@ -677,8 +698,38 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_without_victims_records_no_roots() {
+        let off = tracing_subscriber::registry().with(LoopLagLayer::new(false));
+        let ids = tracing::subscriber::with_default(off, || {
+            let open: Vec<_> = (0..3).map(|_| tracing::info_span!("request")).collect();
+            let ids = span_ids(&open);
+            let tokens = live_tokens(&ids);
+            drop(open);
+            assert!(tokens.is_empty(), "no root recorded: {tokens:?}");
+            ids
+        });
+        assert_eq!(ids.len(), 3, "the spans were created");
+        let built = crate::LoopLag::builder()
+            .max_victims(0)
+            .build()
+            .expect("max_victims(0) is accepted");
+        let from_instance = tracing_subscriber::registry().with(built.layer());
+        tracing::subscriber::with_default(from_instance, || {
+            let open = tracing::info_span!("request");
+            let tokens = live_tokens(&span_ids(std::slice::from_ref(&open)));
+            assert!(tokens.is_empty(), "max_victims(0): no root recorded");
+        });
+        let on = tracing_subscriber::registry().with(LoopLagLayer::default());
+        tracing::subscriber::with_default(on, || {
+            let open = tracing::info_span!("request");
+            let tokens = live_tokens(&span_ids(std::slice::from_ref(&open)));
+            assert_eq!(tokens.len(), 1, "the default layer records the root");
+        });
+    }
+
+    #[test]
     fn roots_outlive_their_thread_and_its_table_goes_when_they_close() {
-        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new()));
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new(true)));
         let on_thread = dispatch.clone();
         let (open, table) = std::thread::spawn(move || {
             tracing::dispatcher::with_default(&on_thread, || {
