@@ -207,6 +207,54 @@ fn max_victims_caps_the_events_and_counts_the_rest() {
     assert_eq!(marked, 2, "two waiters carry the victim event");
 }
 
+/// `max_victims(0)`: the layer records no request spans, and a stall is still reported
+/// exactly, in its culprit span, with no victim event and nothing counted as dropped.
+#[test]
+fn without_victims_a_stall_is_still_reported_and_marks_nobody() {
+    let h = harness(|b| b.max_victims(0));
+    let runtime = current_thread(&h.looplag);
+    let watchdog = h.looplag.start(runtime.handle()).expect("start");
+
+    runtime.block_on(async {
+        let waiters: Vec<_> = (0..3u64)
+            .map(|i| {
+                tokio::spawn(
+                    async { tokio::time::sleep(Duration::from_millis(50)).await }
+                        .instrument(tracing::info_span!("waiter", i)),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::spawn(
+            async { std::thread::sleep(Duration::from_millis(300)) }
+                .instrument(tracing::info_span!("culprit")),
+        )
+        .await
+        .unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
+        "{:#?}",
+        h.reports()
+    );
+    drop(watchdog);
+
+    let ended = &h.ended_reports()[0];
+    assert!(ended.exact, "{ended:#?}");
+    assert_eq!(ended.span_name, Some("culprit"), "{ended:#?}");
+    assert_eq!((ended.victims, ended.victims_dropped), (0, 0), "{ended:#?}");
+    let marked = h
+        .finished_spans()
+        .iter()
+        .filter(|s| s.name == "waiter")
+        .filter(|s| s.events.iter().any(|e| e.name == "tokio.eventloop.stall"))
+        .count();
+    assert_eq!(marked, 0, "no waiter carries the victim event");
+}
+
 /// A stall outside any span is found on a current-thread runtime (on stable builds, by
 /// asking the thread with a signal whether it is inside `block_on`), while the same frozen
 /// runtime state with nobody driving it (`block_on` returned, the thread busy elsewhere)
