@@ -379,9 +379,6 @@ fn current_thread_worker(rounds: usize) -> (Vec<Row>, String, ParkCost) {
 fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let looplag = looplag_instance(&reports);
-    // Built first: looplag resolves span ids through the subscriber registered last (one
-    // per process, see the crate docs), which must be the one the registration check's
-    // span lives in.
     // Victim marking off: the layer records no request spans (its only per-root work).
     let without_victims = dispatches_with_otel(
         &LoopLag::builder()
@@ -389,6 +386,9 @@ fn multi_thread_worker(rounds: usize) -> (Vec<Row>, String) {
             .build()
             .expect("looplag, max_victims(0)"),
     );
+    // Built before `subscribers`: looplag resolves span ids through the subscriber
+    // registered last (one per process, see the crate docs), which must be the one the
+    // registration check's span lives in.
     let with_otel = dispatches_with_otel(&looplag);
     let subscribers = dispatches(&looplag);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
