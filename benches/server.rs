@@ -158,12 +158,18 @@ fn main() {
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
-    if let [roots, children, outermost, nested, ..] = c[..] {
+    if let [roots, children, outermost, nested, moved, ..] = c[..] {
         println!(
             "What looplag's hooks see per request (counted by an extra layer in a separate \
              run): {roots:.2} root spans and {children:.2} child spans created and closed; \
              {outermost:.2} span enter+exit pairs at a worker's base depth (poll boundaries) \
-             and {nested:.2} nested."
+             and {nested:.2} nested. {:.1} % of the root spans closed on another thread than \
+             the one that created them.",
+            if roots > 0.0 {
+                moved / roots * 100.0
+            } else {
+                0.0
+            }
         );
         println!();
     }
@@ -574,11 +580,12 @@ fn child(variant: Variant, requests: usize, counter: Option<SpanCounter>) {
     if let Some(counter) = &counter {
         let per = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / requests as f64;
         println!(
-            "COUNT {} {} {} {}",
+            "COUNT {} {} {} {} {}",
             per(&counter.0.roots),
             per(&counter.0.children),
             per(&counter.0.outermost),
-            per(&counter.0.nested)
+            per(&counter.0.nested),
+            per(&counter.0.moved)
         );
     }
     let rps = requests as f64 / elapsed.as_secs_f64();
@@ -601,7 +608,12 @@ struct SpanCounts {
     children: AtomicU64,
     outermost: AtomicU64,
     nested: AtomicU64,
+    /// Root spans closed on another thread than the one that created them.
+    moved: AtomicU64,
 }
+
+/// The thread that created a root span (a counting-run extension).
+struct CreatedOn(std::thread::ThreadId);
 
 thread_local! {
     static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -614,6 +626,7 @@ impl SpanCounter {
             &self.0.children,
             &self.0.outermost,
             &self.0.nested,
+            &self.0.moved,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -645,13 +658,28 @@ where
         if !on_server_worker() {
             return;
         }
-        let root = ctx.span(id).is_some_and(|span| span.parent().is_none());
-        let counter = if root {
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let counter = if span.parent().is_none() {
+            span.extensions_mut()
+                .insert(CreatedOn(std::thread::current().id()));
             &self.0.roots
         } else {
             &self.0.children
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let moved = ctx.span(&id).is_some_and(|span| {
+            span.extensions()
+                .get::<CreatedOn>()
+                .is_some_and(|created| created.0 != std::thread::current().id())
+        });
+        if moved {
+            self.0.moved.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn on_enter(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
