@@ -148,20 +148,17 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
     );
 }
 
-/// `max_victims` caps the victim events per stall, whoever marks them: three waiters finish
-/// the moment the stall ends (marked by looplag's layer as their spans close), two long
-/// after (marked by the watchdog). With a cap of 2, exactly two get the event and the stall
-/// counts the other three as dropped.
-#[test]
-fn max_victims_caps_the_events_and_counts_the_rest() {
-    let h = harness(|b| b.max_victims(2));
+/// Runs waiter spans that sleep `waits` (ms each) on a current-thread runtime, blocks it for
+/// 300 ms in a `culprit` span once every waiter has been polled, waits for the one ended
+/// stall report and returns how many waiters carry the victim event.
+fn stall_with_waiters(h: &Harness, waits: &[u64]) -> usize {
     let runtime = current_thread(&h.looplag);
     let watchdog = h.looplag.start(runtime.handle()).expect("start");
-
     runtime.block_on(async {
-        let waiters: Vec<_> = (0..5u64)
-            .map(|i| {
-                let ms = if i < 3 { 50 } else { 700 };
+        let waiters: Vec<_> = waits
+            .iter()
+            .enumerate()
+            .map(|(i, &ms)| {
                 tokio::spawn(
                     async move { tokio::time::sleep(Duration::from_millis(ms)).await }
                         .instrument(tracing::info_span!("waiter", i)),
@@ -186,6 +183,21 @@ fn max_victims_caps_the_events_and_counts_the_rest() {
         h.reports()
     );
     drop(watchdog);
+    h.finished_spans()
+        .iter()
+        .filter(|s| s.name == "waiter")
+        .filter(|s| s.events.iter().any(|e| e.name == "tokio.eventloop.stall"))
+        .count()
+}
+
+/// `max_victims` caps the victim events per stall, whoever marks them: three waiters finish
+/// the moment the stall ends (marked by looplag's layer as their spans close), two long
+/// after (marked by the watchdog). With a cap of 2, exactly two get the event and the stall
+/// counts the other three as dropped.
+#[test]
+fn max_victims_caps_the_events_and_counts_the_rest() {
+    let h = harness(|b| b.max_victims(2));
+    let marked = stall_with_waiters(&h, &[50, 50, 50, 700, 700]);
 
     let ended = &h.ended_reports()[0];
     assert_eq!((ended.victims, ended.victims_dropped), (2, 3), "{ended:#?}");
@@ -198,12 +210,6 @@ fn max_victims_caps_the_events_and_counts_the_rest() {
         attr(stall, "tokio.eventloop.stall.victims_dropped"),
         Some(Value::I64(3))
     );
-    let marked = h
-        .finished_spans()
-        .iter()
-        .filter(|s| s.name == "waiter")
-        .filter(|s| s.events.iter().any(|e| e.name == "tokio.eventloop.stall"))
-        .count();
     assert_eq!(marked, 2, "two waiters carry the victim event");
 }
 
@@ -212,46 +218,12 @@ fn max_victims_caps_the_events_and_counts_the_rest() {
 #[test]
 fn without_victims_a_stall_is_still_reported_and_marks_nobody() {
     let h = harness(|b| b.max_victims(0));
-    let runtime = current_thread(&h.looplag);
-    let watchdog = h.looplag.start(runtime.handle()).expect("start");
-
-    runtime.block_on(async {
-        let waiters: Vec<_> = (0..3u64)
-            .map(|i| {
-                tokio::spawn(
-                    async { tokio::time::sleep(Duration::from_millis(50)).await }
-                        .instrument(tracing::info_span!("waiter", i)),
-                )
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        tokio::spawn(
-            async { std::thread::sleep(Duration::from_millis(300)) }
-                .instrument(tracing::info_span!("culprit")),
-        )
-        .await
-        .unwrap();
-        for waiter in waiters {
-            waiter.await.unwrap();
-        }
-    });
-    assert!(
-        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
-        "{:#?}",
-        h.reports()
-    );
-    drop(watchdog);
+    let marked = stall_with_waiters(&h, &[50, 50, 50]);
 
     let ended = &h.ended_reports()[0];
     assert!(ended.exact, "{ended:#?}");
     assert_eq!(ended.span_name, Some("culprit"), "{ended:#?}");
     assert_eq!((ended.victims, ended.victims_dropped), (0, 0), "{ended:#?}");
-    let marked = h
-        .finished_spans()
-        .iter()
-        .filter(|s| s.name == "waiter")
-        .filter(|s| s.events.iter().any(|e| e.name == "tokio.eventloop.stall"))
-        .count();
     assert_eq!(marked, 0, "no waiter carries the victim event");
 }
 
