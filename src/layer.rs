@@ -3,14 +3,17 @@
 //!
 //! Enter and exit do one thread-local read and a few atomic stores on runtime worker
 //! threads, and one thread-local read elsewhere. Root tracking happens when a root span is
-//! created, never on enter/exit; a closing span is only announced to the watchdog
-//! (`close_gate`), and its root entry dies by itself (see [`Roots`]). The watchdog reaches
+//! created, never on enter/exit; a closing span is announced to the watchdog (`close_gate`)
+//! and looked up in the closing thread's own index of the roots it created, which retires
+//! the entry of a root (see [`Roots`]). The watchdog reaches
 //! span data through the [`Dispatch`] the layer was registered with, using lookup functions
 //! monomorphised for the subscriber type (the same technique `tracing-opentelemetry` uses
 //! for its `Span` extension).
 
-use std::cell::OnceCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::{OnceCell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::span::{Attributes, Id};
@@ -81,30 +84,38 @@ impl LoopLagLayer {
     }
 }
 
-/// Marks a local root span in its extensions; children find their root through it. It
-/// holds the only long-lived strong reference to the root's [`RootInfo`]: when the span
-/// closes, the registry drops its extensions and the root's entry in [`Roots`] goes dead.
-struct RootMark(Arc<RootInfo>);
-
 /// The in-flight local roots, for marking the victims of a stall.
 ///
-/// Each thread that creates roots gets its own table (made on its first root and listed
-/// here), so creating a root takes only that thread's uncontended lock: a single
-/// process-wide table made every worker creating a root bounce one lock's cache line. The
-/// tables hold weak references; the span's [`RootMark`] holds the strong one. A closing
-/// span therefore costs looplag nothing: no `on_close` hook, no lock, no lookup; its entry
-/// just goes dead. Each thread prunes dead entries from its table once the table has
-/// doubled since the last prune, which keeps it within twice the number of roots it has in
-/// flight (at least [`Table::PRUNE_MIN`] entries) for an amortised O(1) per root, whether or
-/// not a watchdog runs.
+/// A root span is recorded without touching its span data: a registry lookup and an
+/// extension insert cost a root ≈ 48 ns, most of what looplag's layer costs per request.
+/// Instead:
 ///
-/// Roots can outlive their thread (a request's span moved to another thread): a table stays
-/// listed after its thread exits until all its entries are dead. A root created after the
-/// thread's thread-locals are gone goes to a shared fallback table.
+/// - the creating thread keeps the only strong reference to the root's [`RootInfo`] in its
+///   own **index** (a plain hash map by span id, never shared), and each thread's **table**,
+///   which the watchdog reads, holds a weak one;
+/// - every closing span is looked up in the closing thread's index (one hash probe): a root
+///   closing on the thread that created it leaves the index, and its table entry dies;
+/// - a root that closes on another thread stays in its creator's index, **stale**, until the
+///   creator next prunes its index (once the index has doubled since the last prune, each
+///   entry is checked against the registry) — the watchdog and the victim marking check
+///   every root against the registry before they touch its trace, so a stale root is never
+///   marked; the server benchmark counts such roots (none there);
+/// - when a thread exits, its index goes to the process-wide **orphans**, which any thread
+///   closing one of them retires (the closing path looks at them only while there are any).
+///
+/// Each table prunes dead entries once it has doubled since the last prune, which keeps it
+/// within twice the number of roots its thread has in flight (at least
+/// [`Table::PRUNE_MIN`] entries). Tables stay listed after their thread exits until all their
+/// entries are dead. A root created after the thread's thread-locals are gone goes to a
+/// shared fallback table and straight to the orphans.
 struct Roots {
     tables: Mutex<Tables>,
     /// For roots created during thread teardown, when the thread-local table is gone.
     fallback: Arc<Table>,
+    /// Roots of exited threads (and of the fallback table) still open, by span id.
+    orphans: Mutex<IdMap<Arc<RootInfo>>>,
+    /// Number of orphans, read without the lock by every closing span.
+    orphan_count: AtomicUsize,
 }
 
 /// Every thread's root table, and the fallback one.
@@ -114,7 +125,8 @@ struct Tables {
     prune_at: usize,
 }
 
-/// One thread's in-flight roots (weak references, some possibly dead).
+/// One thread's in-flight roots as the watchdog sees them (weak references, some possibly
+/// dead).
 struct Table {
     /// `slots::thread_uid()` of the owning thread (unused for the fallback table).
     thread_uid: u64,
@@ -124,26 +136,85 @@ struct Table {
 }
 
 struct Entries {
-    roots: Vec<Weak<RootInfo>>,
+    /// The span id of each root, with its record.
+    roots: Vec<(u64, Weak<RootInfo>)>,
     /// Length at which dead entries are next pruned.
     prune_at: usize,
     /// The token of this table's next root.
     next_token: u64,
 }
 
-/// The calling thread's root table; tells the table when the thread exits.
-struct LocalTable {
+/// A hash map keyed by span id. Span ids are already well spread in their low bits, so one
+/// multiplication is hash enough (the default hasher would cost more than the rest of a
+/// lookup).
+type IdMap<T> = HashMap<u64, T, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The roots the calling thread created and has not seen close: the only strong
+/// references to their records.
+struct Index {
+    roots: IdMap<Arc<RootInfo>>,
+    /// Size at which the index is next checked for roots that closed on another thread.
+    prune_at: usize,
+}
+
+impl Index {
+    /// Size below which the index is never checked for stale roots.
+    const PRUNE_MIN: usize = 64;
+
+    /// Adds a root; once the index has doubled since the last check, drops the roots whose
+    /// span `is_open` says has closed (on another thread).
+    fn insert(&mut self, id: u64, root: Arc<RootInfo>, is_open: &dyn Fn(u64) -> bool) {
+        // An id already here belongs to a root that closed elsewhere: its span is gone.
+        self.roots.insert(id, root);
+        if self.roots.len() >= self.prune_at {
+            self.roots.retain(|&id, _| is_open(id));
+            self.prune_at = self.roots.len().saturating_mul(2).max(Self::PRUNE_MIN);
+        }
+    }
+}
+
+/// The calling thread's root table and index; hands both over when the thread exits.
+struct Local {
     table: OnceCell<Arc<Table>>,
+    index: RefCell<Index>,
 }
 
 thread_local! {
-    static LOCAL_TABLE: LocalTable = const { LocalTable { table: OnceCell::new() } };
+    static LOCAL: Local = Local {
+        table: OnceCell::new(),
+        index: RefCell::new(Index {
+            roots: IdMap::default(),
+            prune_at: Index::PRUNE_MIN,
+        }),
+    };
 }
 
-impl Drop for LocalTable {
+impl Drop for Local {
     fn drop(&mut self) {
+        let roots = std::mem::take(&mut self.index.get_mut().roots);
+        let shared = shared();
+        shared.roots.adopt(roots);
         if let Some(table) = self.table.take() {
-            shared().roots.thread_exited(&table);
+            shared.roots.thread_exited(&table);
         }
     }
 }
@@ -159,7 +230,7 @@ impl Entries {
 
     /// Drops the dead entries; returns whether any are left.
     fn prune(&mut self) -> bool {
-        self.roots.retain(|root| root.strong_count() > 0);
+        self.roots.retain(|(_, root)| root.strong_count() > 0);
         self.prune_at = self.roots.len().saturating_mul(2).max(Table::PRUNE_MIN);
         !self.roots.is_empty()
     }
@@ -188,16 +259,25 @@ impl Table {
     /// Bits of a token that count the table's roots.
     const TOKEN_BITS: u32 = 40;
 
-    /// Lists the root `make` builds with the token it is given.
-    fn insert(&self, make: impl FnOnce(u64) -> Weak<RootInfo>) {
+    /// Lists a new root with span id `id`, created in `epoch` by the thread `created_on`;
+    /// returns the only strong reference to its record.
+    fn insert(&self, id: u64, epoch: u64, created_on: u64) -> Arc<RootInfo> {
         let mut entries = lock(&self.entries);
         let token = entries.next_token;
         entries.next_token = token.wrapping_add(1);
-        let root = make(token);
-        entries.roots.push(root);
+        let root = Arc::new(RootInfo {
+            id,
+            token,
+            epoch,
+            created_on,
+            last_polled_on: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        entries.roots.push((id, Arc::downgrade(&root)));
         if entries.roots.len() >= entries.prune_at {
             entries.prune();
         }
+        root
     }
 
     /// Whether the table must stay listed: its thread is alive or it has live entries.
@@ -220,37 +300,97 @@ impl Roots {
                 prune_at: Self::TABLES_PRUNE_MIN,
             }),
             fallback,
+            orphans: Mutex::new(IdMap::default()),
+            orphan_count: AtomicUsize::new(0),
         }
     }
 
-    /// Records a new root created on the calling thread in epoch `epoch`, once `mark` has
-    /// marked its span with it (so that every listed root can be found from its span).
-    /// `mark` gets the only strong reference: no reference count is touched twice.
-    fn insert(&self, id: u64, epoch: u64, mark: impl FnOnce(Arc<RootInfo>)) {
-        let mut mark = Some(mark);
-        let mut make = |token, created_on| {
-            let info = Arc::new(RootInfo {
-                id,
-                token,
-                epoch,
-                created_on,
-                last_polled_on: AtomicU64::new(0),
-            });
-            let weak = Arc::downgrade(&info);
-            if let Some(mark) = mark.take() {
-                mark(info);
-            }
-            weak
-        };
-        let local = LOCAL_TABLE.try_with(|local| {
+    /// Records a new root with span id `id`, created on the calling thread in epoch
+    /// `epoch`. `is_open` tells whether a span id is still open, for dropping the roots of
+    /// the thread's index that closed on another thread.
+    fn insert(&self, id: u64, epoch: u64, is_open: &dyn Fn(u64) -> bool) {
+        let local = LOCAL.try_with(|local| {
             let table = local.table.get_or_init(|| self.register());
-            table.insert(|token| make(token, table.thread_uid));
+            let root = table.insert(id, epoch, table.thread_uid);
+            match local.index.try_borrow_mut() {
+                Ok(mut index) => index.insert(id, root, is_open),
+                // Not reachable from the layer's hooks; never lose the root if it were.
+                Err(_) => self.adopt(std::iter::once((id, root))),
+            }
         });
         if local.is_err() {
-            // The thread is exiting and its table is gone.
-            let created_on = slots::thread_uid();
-            self.fallback.insert(|token| make(token, created_on));
+            // The thread is exiting and its table and index are gone.
+            let root = self.fallback.insert(id, epoch, slots::thread_uid());
+            self.adopt(std::iter::once((id, root)));
         }
+        if self.orphan_count.load(Ordering::Relaxed) != 0 {
+            self.prune_orphans(is_open);
+        }
+    }
+
+    /// The span `id` is closing on the calling thread: takes its root record out of the
+    /// thread's index (or the orphans) if it is a root created here (or by an exited
+    /// thread), and marks it closed. `None` for any other span, and for a root that closes
+    /// on another thread than the one that created it.
+    #[inline]
+    fn closing(&self, id: u64) -> Option<Arc<RootInfo>> {
+        let own = LOCAL
+            .try_with(|local| {
+                let mut index = local.index.try_borrow_mut().ok()?;
+                index.roots.remove(&id)
+            })
+            .ok()
+            .flatten();
+        let root = match own {
+            Some(root) => Some(root),
+            None if self.orphan_count.load(Ordering::Relaxed) != 0 => self.take_orphan(id),
+            None => None,
+        }?;
+        root.closed.store(true, Ordering::Release);
+        Some(root)
+    }
+
+    #[cold]
+    fn take_orphan(&self, id: u64) -> Option<Arc<RootInfo>> {
+        let mut orphans = lock(&self.orphans);
+        let root = orphans.remove(&id);
+        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+        root
+    }
+
+    /// Keeps the roots of an exiting thread (or of the fallback table) alive until they
+    /// close.
+    #[cold]
+    fn adopt(&self, roots: impl IntoIterator<Item = (u64, Arc<RootInfo>)>) {
+        let mut orphans = lock(&self.orphans);
+        orphans.extend(roots);
+        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+    }
+
+    /// Drops the orphans whose span has closed (on a thread that did not look at the
+    /// orphans: they were adopted after it closed).
+    #[cold]
+    fn prune_orphans(&self, is_open: &dyn Fn(u64) -> bool) {
+        let mut orphans = lock(&self.orphans);
+        orphans.retain(|&id, _| is_open(id));
+        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+    }
+
+    /// The live roots whose span id is in `ids`.
+    fn find(&self, ids: &HashSet<u64>) -> Vec<Arc<RootInfo>> {
+        let mut found = Vec::new();
+        let tables = lock(&self.tables);
+        for table in &tables.list {
+            let entries = lock(&table.entries);
+            for (id, root) in &entries.roots {
+                if ids.contains(id) {
+                    if let Some(root) = root.upgrade() {
+                        found.push(root);
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Lists a new table for the calling thread; drops the tables of exited threads with no
@@ -290,7 +430,11 @@ impl Roots {
             if !table.in_use() {
                 return false;
             }
-            for root in lock(&table.entries).roots.iter().filter_map(Weak::upgrade) {
+            for root in lock(&table.entries)
+                .roots
+                .iter()
+                .filter_map(|(_, root)| root.upgrade())
+            {
                 f(root);
             }
             true
@@ -311,6 +455,9 @@ pub(crate) struct RootInfo {
     pub(crate) created_on: u64,
     /// `slots::thread_uid()` of the worker that last polled it (0: not seen polled yet).
     pub(crate) last_polled_on: AtomicU64,
+    /// Seen closing (by the thread that created it, or as an orphan). A root that closes on
+    /// another thread is not marked; the registry tells instead (see `root_context`).
+    closed: AtomicBool,
 }
 
 impl RootInfo {
@@ -339,7 +486,7 @@ pub(crate) struct SpanInfo {
 #[derive(Clone, Copy)]
 struct Lookups {
     span_info: fn(&Dispatch, u64) -> Option<SpanInfo>,
-    root_of: fn(&Dispatch, u64) -> Option<Arc<RootInfo>>,
+    root_id_of: fn(&Dispatch, u64) -> Option<u64>,
     root_context: fn(&Dispatch, &RootInfo, bool) -> Option<opentelemetry::Context>,
 }
 
@@ -350,7 +497,7 @@ impl Lookups {
     {
         Lookups {
             span_info: span_info::<S>,
-            root_of: root_of::<S>,
+            root_id_of: root_id_of::<S>,
             root_context: root_context::<S>,
         }
     }
@@ -423,7 +570,11 @@ impl Shared {
         let mut chosen = Vec::new();
         let mut dropped = 0usize;
         self.roots.for_each_live(|root| {
-            if exclude(root.token) || root.epoch >= ended || !root.waited_on(thread) {
+            if exclude(root.token)
+                || root.epoch >= ended
+                || !root.waited_on(thread)
+                || root.closed.load(Ordering::Acquire)
+            {
                 return;
             }
             if chosen.len() < limit {
@@ -433,6 +584,12 @@ impl Shared {
             }
         });
         (chosen, dropped)
+    }
+
+    /// The tracked roots whose span id is in `ids` (a root that closed on another thread
+    /// than its creator's may still be among them until its creator prunes its index).
+    pub(crate) fn roots_by_id(&self, ids: &HashSet<u64>) -> Vec<Arc<RootInfo>> {
+        self.roots.find(ids)
     }
 
     /// Number of in-flight local roots being tracked.
@@ -451,9 +608,9 @@ impl SpanAccess {
         close_gate::while_no_span_closes(|| (self.lookups.span_info)(&self.dispatch, id))
     }
 
-    /// The local root of the open span `id`.
-    pub(crate) fn root_of(&self, id: u64) -> Option<Arc<RootInfo>> {
-        (self.lookups.root_of)(&self.dispatch, id)
+    /// The span id of the local root of the open span `id` (`id` itself for a root).
+    pub(crate) fn root_id_of(&self, id: u64) -> Option<u64> {
+        (self.lookups.root_id_of)(&self.dispatch, id)
     }
 
     /// The OpenTelemetry context of an in-flight root, if it is still open.
@@ -486,11 +643,11 @@ where
     let id = span_id(id)?;
     // Holding `span` keeps the registry slot, so `id` cannot be reused meanwhile.
     let span = subscriber.span(&id)?;
-    let root = span.scope().from_root().next().and_then(|root| {
-        root.extensions()
-            .get::<RootMark>()
-            .map(|m| Arc::clone(&m.0))
-    });
+    let root_id = span
+        .scope()
+        .from_root()
+        .next()
+        .map(|root| root.id().into_u64());
     // No extensions are held during `get_otel_context`: it locks them.
     let closing = announced || span.extensions().get::<Closing>().is_some();
     let context = if closing {
@@ -500,6 +657,13 @@ where
     };
     let name = span.name();
     drop(span);
+    let root = root_id.and_then(|root_id| {
+        shared()
+            .roots
+            .find(&HashSet::from([root_id]))
+            .into_iter()
+            .find(|root| !root.closed.load(Ordering::Acquire))
+    });
     Some(SpanInfo {
         name,
         context,
@@ -507,7 +671,7 @@ where
     })
 }
 
-fn root_of<S>(dispatch: &Dispatch, id: u64) -> Option<Arc<RootInfo>>
+fn root_id_of<S>(dispatch: &Dispatch, id: u64) -> Option<u64>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -515,8 +679,7 @@ where
     let id = span_id(id)?;
     let span = subscriber.span(&id)?;
     let root = span.scope().from_root().next()?;
-    let extensions = root.extensions();
-    extensions.get::<RootMark>().map(|mark| Arc::clone(&mark.0))
+    Some(root.id().into_u64())
 }
 
 /// The OpenTelemetry context of an in-flight root. `own_close`: asked from the root's own
@@ -531,22 +694,17 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let subscriber = dispatch.downcast_ref::<S>()?;
-    if !own_close && close_gate::may_be_closing(root.id) {
+    if !own_close && (root.closed.load(Ordering::Acquire) || close_gate::may_be_closing(root.id)) {
         return None;
     }
     let id = span_id(root.id)?;
+    // A root that closed on another thread than its creator's is not marked closed, but
+    // its span is gone: the registry's ids are not reused for a long time (its slab keeps
+    // a generation per slot), and a root never has a parent.
     let span = subscriber.span(&id)?;
-    let (same, closing) = {
-        let extensions = span.extensions();
-        (
-            extensions
-                .get::<RootMark>()
-                .is_some_and(|mark| mark.0.token == root.token),
-            extensions.get::<Closing>().is_some(),
-        )
-    };
+    let closing = span.extensions().get::<Closing>().is_some();
     // Not a closing span: see `span_info` and `close_gate`.
-    if !same || closing {
+    if span.parent().is_some() || closing {
         return None;
     }
     let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
@@ -581,14 +739,10 @@ where
         if !is_root {
             return;
         }
-        let Some(span) = ctx.span(id) else {
-            return;
-        };
         let shared = shared();
         let epoch = shared.epoch.load(Ordering::Relaxed);
-        shared.roots.insert(id.into_u64(), epoch, |info| {
-            span.extensions_mut().insert(RootMark(info));
-        });
+        let is_open = |id: u64| span_id(id).is_some_and(|id| ctx.span(&id).is_some());
+        shared.roots.insert(id.into_u64(), epoch, &is_open);
     }
 
     /// Records the entered span in the worker's slot.
@@ -603,26 +757,44 @@ where
         slots::with_current(|slot| slot.exit(id.into_u64()));
     }
 
-    /// Announces the span closing to the watchdog (see `close_gate`). A closing root is first
-    /// marked as the victim of any stall it waited on that the watchdog has not finished
-    /// yet (see `victims`; one relaxed load when there is none); its entry in the root table
-    /// dies with its extensions.
+    /// Announces the span closing to the watchdog (see `close_gate`) and retires its root
+    /// record if it is a root created on this thread (one hash probe of the thread's index,
+    /// see [`Roots`]). A closing root is first marked as the victim of any stall it waited on
+    /// that the watchdog has not finished yet (see `victims`; one relaxed load when there is
+    /// none).
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let raw = id.into_u64();
+        let root = if self.track_roots {
+            shared().roots.closing(raw)
+        } else {
+            None
+        };
         if victims::any_pending() {
-            let root = ctx.span(&id).and_then(|span| {
-                span.extensions()
-                    .get::<RootMark>()
-                    .map(|mark| Arc::clone(&mark.0))
+            // A root closing on another thread than its creator's is not in this thread's
+            // index: find it by id (only while a stall is pending).
+            let root = root.clone().or_else(|| {
+                let is_root = ctx.span(&id)?.parent().is_none();
+                is_root
+                    .then(|| {
+                        shared()
+                            .roots
+                            .find(&HashSet::from([raw]))
+                            .into_iter()
+                            .next()
+                    })
+                    .flatten()
             });
             if let Some(root) = root {
                 victims::root_closing(&root, || shared().access()?.closing_root_context(&root));
             }
         }
-        close_gate::closing(id.into_u64(), || {
+        close_gate::closing(raw, || {
             if let Some(span) = ctx.span(&id) {
                 span.extensions_mut().insert(Closing);
             }
         });
+        // The root's record dies here (its table entry goes dead), after the victim marking.
+        drop(root);
     }
 }
 
@@ -652,7 +824,7 @@ mod tests {
 
     /// The calling thread's root table.
     fn own_table() -> Option<Arc<Table>> {
-        LOCAL_TABLE
+        LOCAL
             .try_with(|local| local.table.get().cloned())
             .ok()
             .flatten()
@@ -693,6 +865,59 @@ mod tests {
             assert!(
                 live_tokens(&ids).is_empty(),
                 "closing a root kills its entry"
+            );
+        });
+    }
+
+    #[test]
+    fn a_root_closed_on_another_thread_goes_when_its_creator_prunes() {
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new(true)));
+        tracing::dispatcher::with_default(&dispatch, || {
+            let moved = tracing::info_span!("moved");
+            let ids = span_ids(std::slice::from_ref(&moved));
+            let on_thread = dispatch.clone();
+            std::thread::spawn(move || {
+                tracing::dispatcher::with_default(&on_thread, || drop(moved));
+            })
+            .join()
+            .expect("closing thread");
+            assert_eq!(live_tokens(&ids).len(), 1, "stale until its creator prunes");
+            let open: Vec<_> = (0..Index::PRUNE_MIN)
+                .map(|_| tracing::info_span!("open"))
+                .collect();
+            assert!(
+                live_tokens(&ids).is_empty(),
+                "the creator's prune found its span closed"
+            );
+            assert_eq!(
+                live_tokens(&span_ids(&open)).len(),
+                Index::PRUNE_MIN,
+                "open roots stay"
+            );
+        });
+    }
+
+    #[test]
+    fn a_root_closed_on_its_own_thread_is_marked_closed_at_once() {
+        let subscriber = tracing_subscriber::registry().with(LoopLagLayer::new(true));
+        tracing::subscriber::with_default(subscriber, || {
+            let root = tracing::info_span!("request");
+            let ids = span_ids(std::slice::from_ref(&root));
+            let mut held = Vec::new();
+            shared().roots.for_each_live(|info| {
+                if ids.contains(&info.id) {
+                    held.push(info);
+                }
+            });
+            assert_eq!(held.len(), 1, "the root is tracked");
+            assert!(!held[0].closed.load(Ordering::Acquire));
+            drop(root);
+            // Still reachable through the reference held here, but known closed.
+            assert!(held[0].closed.load(Ordering::Acquire), "closed on close");
+            let (victims, _) = shared().victims(held[0].created_on, u64::MAX, |_| false, 10);
+            assert!(
+                victims.iter().all(|root| root.token != held[0].token),
+                "a closed root is never a victim"
             );
         });
     }

@@ -4,7 +4,7 @@
 //! It never waits on the runtime, so it keeps working (and reporting) while every worker
 //! is stuck.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -408,22 +408,58 @@ impl Watch {
     }
 
     /// Records on which worker each in-flight trace was last polled.
+    ///
+    /// A poll-level span is most often the request's root itself; the others are resolved
+    /// to their root through the registry. The roots are then looked up in the root tables
+    /// once for the whole tick.
     fn track_polled_roots(&mut self, slots: &[Arc<Slot>], access: &SpanAccess) {
         self.cursors
             .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
+        // (worker thread, span id), oldest first per worker.
+        let mut polled: Vec<(u64, u64)> = Vec::new();
         for slot in slots {
             let cursor = self.cursors.entry(slot.thread_uid).or_insert(0);
             let mut previous = 0;
             slot.drain_poll_spans(cursor, |id| {
-                if id == previous {
-                    return;
-                }
-                previous = id;
-                if let Some(root) = access.root_of(id) {
-                    root.last_polled_on
-                        .store(slot.thread_uid, Ordering::Relaxed);
+                if id != previous {
+                    previous = id;
+                    polled.push((slot.thread_uid, id));
                 }
             });
+        }
+        if polled.is_empty() {
+            return;
+        }
+        let shared = layer::shared();
+        let ids: HashSet<u64> = polled.iter().map(|&(_, id)| id).collect();
+        let mut roots: HashMap<u64, Arc<layer::RootInfo>> = shared
+            .roots_by_id(&ids)
+            .into_iter()
+            .map(|root| (root.id, root))
+            .collect();
+        let root_of: HashMap<u64, u64> = ids
+            .iter()
+            .filter(|id| !roots.contains_key(id))
+            .filter_map(|&id| Some((id, access.root_id_of(id)?)))
+            .collect();
+        let missing: HashSet<u64> = root_of
+            .values()
+            .filter(|root| !roots.contains_key(root))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            roots.extend(
+                shared
+                    .roots_by_id(&missing)
+                    .into_iter()
+                    .map(|root| (root.id, root)),
+            );
+        }
+        for (thread, id) in polled {
+            let root_id = root_of.get(&id).copied().unwrap_or(id);
+            if let Some(root) = roots.get(&root_id) {
+                root.last_polled_on.store(thread, Ordering::Relaxed);
+            }
         }
     }
 
