@@ -237,7 +237,7 @@ impl Builder {
     ///
     /// `0` turns victim events off, and with them the layer's record of request spans
     /// (see [`LoopLag::layer`](crate::LoopLag::layer)): a new root span then costs looplag
-    /// nothing, where it otherwise adds about 55 ns (BENCHMARKS.md). Stall spans, stacks and
+    /// nothing, where it otherwise adds about 30 ns (BENCHMARKS.md). Stall spans, stacks and
     /// metrics are unchanged. Accepted: 0 to 100 000. Environment: `LOOPLAG_MAX_VICTIMS`. By
     /// default, 1000.
     pub fn max_victims(self, max: usize) -> Self {

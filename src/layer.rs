@@ -36,7 +36,8 @@ use crate::victims;
 ///
 /// For marking the victims of a stall, the layer records every local root span (a span with
 /// no parent in the process: one per request under tower-http's `TraceLayer`) when it is
-/// created, which is most of what it costs per request. A layer from an instance built with
+/// created, in a per-thread index, without touching the span's data (about 30 ns per root
+/// span in BENCHMARKS.md). A layer from an instance built with
 /// [`max_victims(0)`](crate::Builder::max_victims) records none: creating a span then costs
 /// it nothing, and no instance in the process marks victims through that layer.
 ///
@@ -181,14 +182,16 @@ impl Index {
     const PRUNE_MIN: usize = 64;
 
     /// Adds a root; once the index has doubled since the last check, drops the roots whose
-    /// span `is_open` says has closed (on another thread).
-    fn insert(&mut self, id: u64, root: Arc<RootInfo>, is_open: &dyn Fn(u64) -> bool) {
+    /// span `is_open` says has closed (on another thread). Returns whether it checked.
+    fn insert(&mut self, id: u64, root: Arc<RootInfo>, is_open: &dyn Fn(u64) -> bool) -> bool {
         // An id already here belongs to a root that closed elsewhere: its span is gone.
         self.roots.insert(id, root);
-        if self.roots.len() >= self.prune_at {
-            self.roots.retain(|&id, _| is_open(id));
-            self.prune_at = self.roots.len().saturating_mul(2).max(Self::PRUNE_MIN);
+        if self.roots.len() < self.prune_at {
+            return false;
         }
+        self.roots.retain(|&id, _| is_open(id));
+        self.prune_at = self.roots.len().saturating_mul(2).max(Self::PRUNE_MIN);
+        true
     }
 }
 
@@ -212,7 +215,9 @@ impl Drop for Local {
     fn drop(&mut self) {
         let roots = std::mem::take(&mut self.index.get_mut().roots);
         let shared = shared();
-        shared.roots.adopt(roots);
+        if !roots.is_empty() {
+            shared.roots.adopt(roots);
+        }
         if let Some(table) = self.table.take() {
             shared.roots.thread_exited(&table);
         }
@@ -315,15 +320,24 @@ impl Roots {
             match local.index.try_borrow_mut() {
                 Ok(mut index) => index.insert(id, root, is_open),
                 // Not reachable from the layer's hooks; never lose the root if it were.
-                Err(_) => self.adopt(std::iter::once((id, root))),
+                Err(_) => {
+                    self.adopt(std::iter::once((id, root)));
+                    false
+                }
             }
         });
-        if local.is_err() {
-            // The thread is exiting and its table and index are gone.
-            let root = self.fallback.insert(id, epoch, slots::thread_uid());
-            self.adopt(std::iter::once((id, root)));
-        }
-        if self.orphan_count.load(Ordering::Relaxed) != 0 {
+        let checked = match local {
+            Ok(checked) => checked,
+            Err(_) => {
+                // The thread is exiting and its table and index are gone.
+                let root = self.fallback.insert(id, epoch, slots::thread_uid());
+                self.adopt(std::iter::once((id, root)));
+                false
+            }
+        };
+        // Orphans that closed before they were adopted are checked on the same amortised
+        // schedule as the index (never per root: there may be many).
+        if checked && self.orphan_count.load(Ordering::Relaxed) != 0 {
             self.prune_orphans(is_open);
         }
     }
