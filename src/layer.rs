@@ -773,9 +773,9 @@ where
 
     /// Announces the span closing to the watchdog (see `close_gate`) and retires its root
     /// record if it is a root created on this thread (one hash probe of the thread's index,
-    /// see `Roots` in this module). A closing root is first marked as the victim of any stall it waited on
-    /// that the watchdog has not finished yet (see `victims`; one relaxed load when there is
-    /// none).
+    /// see `Roots` in this module). A closing root is first marked as the victim of any
+    /// stall it waited on that the watchdog has not finished yet (see `victims`; one relaxed
+    /// load when there is none).
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let raw = id.into_u64();
         let root = if self.track_roots {
