@@ -115,9 +115,11 @@ struct Roots {
     fallback: Arc<Table>,
     /// Roots of exited threads (and of the fallback table) still open, by span id.
     orphans: Mutex<IdMap<Arc<RootInfo>>>,
-    /// Number of orphans, read without the lock by every closing span.
-    orphan_count: AtomicUsize,
 }
+
+/// Number of orphans in [`Roots`], read without their lock by every closing span (a static,
+/// so that a span that is no root of this thread costs no initialisation check).
+static ORPHAN_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// Every thread's root table, and the fallback one.
 struct Tables {
@@ -306,7 +308,6 @@ impl Roots {
             }),
             fallback,
             orphans: Mutex::new(IdMap::default()),
-            orphan_count: AtomicUsize::new(0),
         }
     }
 
@@ -337,7 +338,7 @@ impl Roots {
         };
         // Orphans that closed before they were adopted are checked on the same amortised
         // schedule as the index (never per root: there may be many).
-        if checked && self.orphan_count.load(Ordering::Relaxed) != 0 {
+        if checked && ORPHAN_COUNT.load(Ordering::Relaxed) != 0 {
             self.prune_orphans(is_open);
         }
     }
@@ -347,7 +348,7 @@ impl Roots {
     /// thread), and marks it closed. `None` for any other span, and for a root that closes
     /// on another thread than the one that created it.
     #[inline]
-    fn closing(&self, id: u64) -> Option<Arc<RootInfo>> {
+    fn closing(id: u64) -> Option<Arc<RootInfo>> {
         let own = LOCAL
             .try_with(|local| {
                 let mut index = local.index.try_borrow_mut().ok()?;
@@ -357,7 +358,7 @@ impl Roots {
             .flatten();
         let root = match own {
             Some(root) => Some(root),
-            None if self.orphan_count.load(Ordering::Relaxed) != 0 => self.take_orphan(id),
+            None if ORPHAN_COUNT.load(Ordering::Relaxed) != 0 => shared().roots.take_orphan(id),
             None => None,
         }?;
         root.closed.store(true, Ordering::Release);
@@ -368,7 +369,7 @@ impl Roots {
     fn take_orphan(&self, id: u64) -> Option<Arc<RootInfo>> {
         let mut orphans = lock(&self.orphans);
         let root = orphans.remove(&id);
-        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+        ORPHAN_COUNT.store(orphans.len(), Ordering::Relaxed);
         root
     }
 
@@ -378,7 +379,7 @@ impl Roots {
     fn adopt(&self, roots: impl IntoIterator<Item = (u64, Arc<RootInfo>)>) {
         let mut orphans = lock(&self.orphans);
         orphans.extend(roots);
-        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+        ORPHAN_COUNT.store(orphans.len(), Ordering::Relaxed);
     }
 
     /// Drops the orphans whose span has closed (on a thread that did not look at the
@@ -387,7 +388,7 @@ impl Roots {
     fn prune_orphans(&self, is_open: &dyn Fn(u64) -> bool) {
         let mut orphans = lock(&self.orphans);
         orphans.retain(|&id, _| is_open(id));
-        self.orphan_count.store(orphans.len(), Ordering::Relaxed);
+        ORPHAN_COUNT.store(orphans.len(), Ordering::Relaxed);
     }
 
     /// The live roots whose span id is in `ids`.
@@ -779,7 +780,7 @@ where
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let raw = id.into_u64();
         let root = if self.track_roots {
-            shared().roots.closing(raw)
+            Roots::closing(raw)
         } else {
             None
         };
