@@ -9,11 +9,14 @@ use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Meter;
 
 use crate::config::{Builder, Config, StallCallback};
-use crate::doze::Doze;
+use crate::error::Error;
+use crate::hot::clock;
+use crate::hot::doze::Doze;
+use crate::hot::slots::Registry;
 use crate::layer::LoopLagLayer;
-use crate::slots::Registry;
 use crate::telemetry::{self, Instruments};
-use crate::{clock, watchdog, Error};
+use crate::watchdog;
+use crate::watchdog::Inner;
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -46,18 +49,6 @@ static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 #[derive(Clone)]
 pub struct LoopLag {
     pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) instruments: Instruments,
-    pub(crate) tracer: BoxedTracer,
-    pub(crate) on_stall: Option<StallCallback>,
-    pub(crate) registry: Registry,
-    /// The watchdog's idle sleep, woken by the unpark hook.
-    pub(crate) doze: Doze,
-    pub(crate) hooked: AtomicBool,
-    running: AtomicBool,
 }
 
 impl fmt::Debug for LoopLag {
@@ -269,6 +260,26 @@ impl LoopLag {
                 Err(Error::WatchdogThread(err))
             }
         }
+    }
+}
+
+impl Builder {
+    /// Validates every setting and builds the instance.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for the first setting outside its accepted range, including a
+    /// [`stack_signal`](Builder::stack_signal) that is not accepted or already has a handler;
+    /// [`Error::StackHandler`] if the operating system refuses to install the handler.
+    #[must_use = "looplag does nothing until its layer is installed and it is started"]
+    pub fn build(self) -> Result<LoopLag, Error> {
+        let config = self.validate()?;
+        Ok(LoopLag::from_parts(
+            config,
+            self.meter,
+            self.tracer,
+            self.on_stall,
+        ))
     }
 }
 

@@ -53,22 +53,15 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
-mod clock;
-mod close_gate;
+// Modules, lowest first: a module uses only those listed above it (ARCHITECTURE.md).
 mod config;
-mod diagnosis;
-mod doze;
-mod env;
+mod diagnose;
 mod error;
+mod hot;
 mod instance;
 mod layer;
-mod probe;
-mod ratelimit;
 mod report;
-mod slots;
 mod stack;
-mod symbolizer;
-mod sync;
 mod telemetry;
 mod victims;
 mod watchdog;
@@ -77,7 +70,7 @@ pub use config::{
     Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS,
     DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
-pub use diagnosis::StallKind;
+pub use diagnose::StallKind;
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::LoopLagLayer;

@@ -421,6 +421,8 @@ pub(crate) fn format_stacktrace(frames: &[Frame]) -> String {
 }
 
 // The platform implementation, as `imp`: the same items on every platform.
+pub(crate) mod symbolizer;
+
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod linux;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

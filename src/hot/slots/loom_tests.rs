@@ -24,8 +24,8 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::{Slot, Snapshot, BUSY, FLAGGED, TS_MASK};
-use crate::clock;
-use crate::sync::Ordering;
+use crate::hot::clock;
+use crate::hot::sync::Ordering;
 
 /// What the owner did in one poll: its start timestamp and clock reads bracketing its end.
 #[derive(Clone, Copy, Debug)]

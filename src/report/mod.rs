@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanId, TraceId};
 
-use crate::StallKind;
+use crate::diagnose::StallKind;
+
+pub(crate) mod ratelimit;
 
 /// One frame of a stalled thread's stack, innermost first in [`StackCapture::Captured`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,7 +232,7 @@ impl fmt::Display for StallReport {
             StackCapture::Disabled | StackCapture::Unsupported | StackCapture::UnknownThread => {}
         }
         if let Some(kind) = self.kind {
-            write!(f, "\n    advice: {}", crate::diagnosis::advice(kind))?;
+            write!(f, "\n    advice: {}", crate::diagnose::advice(kind))?;
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ use std::ptr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use crate::hot::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// The thread is inside a poll.
 pub(crate) const BUSY: u64 = 1 << 62;
@@ -123,7 +123,7 @@ pub(crate) struct Slot {
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
-    /// The roots epoch started when a flagged poll ended (`layer::roots_epoch_now`): the
+    /// The roots epoch started when a flagged poll ended (`epoch::advance`): the
     /// roots created before the end have an earlier one. Published with `end`.
     end_roots: AtomicU64,
     depth: AtomicUsize,
@@ -153,7 +153,7 @@ pub(crate) struct Slot {
     /// Where to send the stack signal.
     pub(crate) stack_target: crate::stack::ThreadTarget,
     /// The owner's CPU clock (Linux), valid while the slot is not dead.
-    pub(crate) cpu_clock: Option<crate::diagnosis::CpuClock>,
+    pub(crate) cpu_clock: Option<crate::diagnose::CpuClock>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -250,7 +250,7 @@ impl Slot {
                 .unwrap_or_default()
                 .to_string(),
             stack_target: crate::stack::ThreadTarget::current(),
-            cpu_clock: crate::diagnosis::CpuClock::current(),
+            cpu_clock: crate::diagnose::CpuClock::current(),
         }
     }
 
@@ -260,7 +260,7 @@ impl Slot {
     #[inline]
     pub(crate) fn poll_start(&self) {
         let previous = self.word.load(Ordering::Relaxed) & TS_MASK;
-        let mut now = crate::clock::raw();
+        let mut now = crate::hot::clock::raw();
         if now <= previous {
             now = previous.saturating_add(1) & TS_MASK;
         }
@@ -284,8 +284,8 @@ impl Slot {
     #[cold]
     fn publish_flagged_end(&self) {
         self.end_roots
-            .store(crate::layer::roots_epoch_now(), Ordering::Relaxed);
-        self.end.store(crate::clock::raw(), Ordering::Relaxed);
+            .store(crate::hot::epoch::advance(), Ordering::Relaxed);
+        self.end.store(crate::hot::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
             .and_then(|clock| clock.cpu_time())

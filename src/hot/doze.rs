@@ -26,7 +26,7 @@
 use std::sync::Mutex;
 use std::thread::Thread;
 
-use crate::sync::{fence, AtomicBool, Ordering};
+use crate::hot::sync::{fence, AtomicBool, Ordering};
 
 /// While the runtime is idle, the watchdog wakes (and probes the delay) once per this many
 /// sample intervals.
@@ -115,7 +115,7 @@ mod loom_tests {
     use loom::thread;
 
     use super::Doze;
-    use crate::sync::{AtomicBool, Ordering};
+    use crate::hot::sync::{AtomicBool, Ordering};
 
     #[test]
     fn loom_doze_never_misses_an_unparking_worker() {

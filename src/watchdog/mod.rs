@@ -14,21 +14,44 @@ use opentelemetry::global::BoxedSpan;
 use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
-use crate::clock::{self, Anchor};
 use crate::config::StackSupport;
-use crate::diagnosis::{self, StallKind};
-use crate::doze::IDLE_SAMPLE_INTERVALS;
-use crate::instance::Inner;
+use crate::config::{Config, StallCallback};
+use crate::diagnose::{self, StallKind};
+use crate::hot::clock::{self, Anchor};
+use crate::hot::doze::Doze;
+use crate::hot::doze::IDLE_SAMPLE_INTERVALS;
+use crate::hot::epoch;
+use crate::hot::slots::Registry;
+use crate::hot::slots::{Flag, PollEnd, Slot, FLAGGED};
 use crate::layer::{self, SpanAccess, SpanInfo};
-use crate::probe::{Collected, Probe};
-use crate::ratelimit::LogLimiter;
+use crate::report::ratelimit::LogLimiter;
 use crate::report::{StackCapture, StackFrame};
-use crate::slots::{Flag, PollEnd, Slot, FLAGGED};
+use crate::report::{StallReport, StallState};
+use crate::stack::symbolizer::Symbolizer;
 use crate::stack::StackError;
-use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
+use crate::telemetry::Instruments;
+use crate::victims::roots::{self, RootInfo};
 use crate::victims::{self, Marks, Pending, PendingGuard};
-use crate::{StallReport, StallState};
+use opentelemetry::global::BoxedTracer;
+use probe::{Collected, Probe};
+
+pub(crate) mod probe;
+
+/// What an instance shares with its runtime's hooks and its watchdog thread.
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) instruments: Instruments,
+    pub(crate) tracer: BoxedTracer,
+    pub(crate) on_stall: Option<StallCallback>,
+    pub(crate) registry: Registry,
+    /// The watchdog's idle sleep, woken by the unpark hook.
+    pub(crate) doze: Doze,
+    /// `hook_runtime` (or a hook getter) was called.
+    pub(crate) hooked: AtomicBool,
+    /// A watchdog of this instance is running.
+    pub(crate) running: AtomicBool,
+}
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
 const UNHOOKED_GRACE: Duration = Duration::from_secs(2);
@@ -350,7 +373,7 @@ impl Watch {
         });
         self.shut_down = self.shut_down || self.probe.runtime_shut_down();
         let slots = self.inner.registry.live();
-        let access = layer::shared().access();
+        let access = layer::access();
         if let Some(access) = &access {
             self.track_polled_roots(&slots, access);
         }
@@ -430,10 +453,9 @@ impl Watch {
         if polled.is_empty() {
             return;
         }
-        let shared = layer::shared();
         let ids: HashSet<u64> = polled.iter().map(|&(_, id)| id).collect();
-        let mut roots: HashMap<u64, Arc<layer::RootInfo>> = shared
-            .roots_by_id(&ids)
+        let mut roots: HashMap<u64, Arc<RootInfo>> = roots::roots()
+            .find(&ids)
             .into_iter()
             .map(|root| (root.id, root))
             .collect();
@@ -449,8 +471,8 @@ impl Watch {
             .collect();
         if !missing.is_empty() {
             roots.extend(
-                shared
-                    .roots_by_id(&missing)
+                roots::roots()
+                    .find(&missing)
                     .into_iter()
                     .map(|root| (root.id, root)),
             );
@@ -548,12 +570,12 @@ impl Watch {
         let tid = slot.stack_target.tid();
         // Everything about the thread's state first: the stack signal interrupts its system
         // call and briefly runs it.
-        let syscall = match diagnosis::thread_state(tid) {
+        let syscall = match diagnose::thread_state(tid) {
             Some('R') | None => None,
-            Some(_) => diagnosis::blocked_syscall(tid),
+            Some(_) => diagnose::blocked_syscall(tid),
         };
         let cpu_now = slot.cpu_time();
-        let run_delay = diagnosis::run_delay(tid).map(|delay| (delay, clock::raw()));
+        let run_delay = diagnose::run_delay(tid).map(|delay| (delay, clock::raw()));
         let window = self
             .cpu_seen
             .get(&slot.thread_uid)
@@ -563,7 +585,7 @@ impl Watch {
             (Some((cpu0, at)), Some(cpu)) if clock::delta(at, now) > Duration::ZERO => {
                 let wall = clock::delta(at, now);
                 let used = cpu.saturating_sub(cpu0).min(wall);
-                (Some(diagnosis::classify(used, wall)), Some(used))
+                (Some(diagnose::classify(used, wall)), Some(used))
             }
             _ => (None, None),
         };
@@ -683,7 +705,7 @@ impl Watch {
             let flag = Flag {
                 word: snapshot.word | FLAGGED,
                 at: clock::raw(),
-                roots_before: layer::roots_epoch_now(),
+                roots_before: epoch::advance(),
             };
             let info =
                 access.and_then(|access| entered.iter().rev().find_map(|&id| access.span_info(id)));
@@ -800,7 +822,7 @@ impl Watch {
             let ended_now = || PollEnd {
                 at: now,
                 cpu: None,
-                roots_before: layer::roots_epoch_now(),
+                roots_before: epoch::advance(),
             };
             let ended = match &self.active[index].source {
                 Source::Exact { slot, flag } => {
@@ -985,7 +1007,7 @@ impl Watch {
                 let waiting_share = active.diagnosis.run_delay.and_then(|(delay0, at0)| {
                     let tid = active.slot()?.stack_target.tid();
                     let now = clock::raw();
-                    let delay = diagnosis::run_delay(tid)?
+                    let delay = diagnose::run_delay(tid)?
                         .saturating_sub(delay0)
                         .saturating_sub(clock::delta(end, now));
                     let span = clock::delta(at0, end);
@@ -996,7 +1018,7 @@ impl Watch {
                 let cpu_time = duration.mul_f64(share);
                 active.diagnosis.cpu_time = Some(cpu_time);
                 active.diagnosis.kind =
-                    Some(diagnosis::classify(duration.mul_f64(busy_share), duration));
+                    Some(diagnose::classify(duration.mul_f64(busy_share), duration));
             }
         }
         if let Some(kind) = active.diagnosis.kind {
@@ -1028,7 +1050,7 @@ impl Watch {
                 let mut own = Marks::default();
                 let mut guard = pending.as_ref().map(|pending| pending.marks());
                 let marks = guard.as_deref_mut().unwrap_or(&mut own);
-                let (roots, dropped) = layer::shared().victims(
+                let (roots, dropped) = roots::roots().victims(
                     slot.thread_uid,
                     roots_before,
                     |token| Some(token) == culprit || marks.contains(token),
@@ -1215,12 +1237,12 @@ impl Watch {
     /// The watchdog is stopping: close every open stall at the current time.
     fn finish(&mut self) {
         let anchor = Anchor::now();
-        let access = layer::shared().access();
+        let access = layer::access();
         while let Some(active) = self.active.pop() {
             let end = PollEnd {
                 at: anchor.raw,
                 cpu: None,
-                roots_before: layer::roots_epoch_now(),
+                roots_before: epoch::advance(),
             };
             self.end(active, end, access.as_ref());
         }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Meter;
 
-use crate::env::{self, EnvValues};
-use crate::{Error, LoopLag, StallReport};
+pub(crate) mod env;
+
+use crate::error::Error;
+use crate::report::StallReport;
+use env::EnvValues;
 
 /// Default [`Builder::runtime_name`]: `"main"`.
 pub const DEFAULT_RUNTIME_NAME: &str = "main";
@@ -413,25 +416,7 @@ impl Builder {
         }
     }
 
-    /// Validates every setting and builds the instance.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidSetting`] for the first setting outside its accepted range, including a
-    /// [`stack_signal`](Builder::stack_signal) that is not accepted or already has a handler;
-    /// [`Error::StackHandler`] if the operating system refuses to install the handler.
-    #[must_use = "looplag does nothing until its layer is installed and it is started"]
-    pub fn build(self) -> Result<LoopLag, Error> {
-        let config = self.validate()?;
-        Ok(LoopLag::from_parts(
-            config,
-            self.meter,
-            self.tracer,
-            self.on_stall,
-        ))
-    }
-
-    fn validate(&self) -> Result<Config, Error> {
+    pub(crate) fn validate(&self) -> Result<Config, Error> {
         let (explicit, env) = (&self.explicit, &self.env);
         let name = resolve(
             explicit.runtime_name.clone(),

@@ -22,7 +22,7 @@ pub(crate) fn init() {
 #[inline]
 pub(crate) fn raw() -> u64 {
     match CLOCK.get() {
-        Some(clock) => clock.raw() & crate::slots::TS_MASK,
+        Some(clock) => clock.raw() & crate::hot::slots::TS_MASK,
         None => 0,
     }
 }
@@ -49,7 +49,7 @@ pub(crate) fn init() {}
 /// Model checking: the next tick of the fake clock.
 #[cfg(all(test, looplag_loom))]
 pub(crate) fn raw() -> u64 {
-    FAKE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & crate::slots::TS_MASK
+    FAKE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & crate::hot::slots::TS_MASK
 }
 
 /// Model checking: one tick is one nanosecond.

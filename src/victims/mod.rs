@@ -20,10 +20,12 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use opentelemetry::KeyValue;
 
-use crate::clock;
-use crate::layer::RootInfo;
-use crate::slots::{Flag, Slot};
+use crate::hot::clock;
+use crate::hot::slots::{Flag, Slot};
 use crate::telemetry as names;
+use roots::RootInfo;
+
+pub(crate) mod roots;
 
 /// An exact stall whose victims are not all marked yet.
 pub(crate) struct Pending {
