@@ -8,9 +8,9 @@ use std::thread::JoinHandle;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Meter;
 
+use crate::clock;
 use crate::config::{Builder, Config, StallCallback};
 use crate::error::Error;
-use crate::hot::clock;
 use crate::hot::doze::Doze;
 use crate::hot::slots::Registry;
 use crate::layer::LoopLagLayer;

@@ -54,6 +54,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 // Modules, lowest first: a module uses only those listed above it (ARCHITECTURE.md).
+mod clock;
 mod config;
 mod diagnose;
 mod error;

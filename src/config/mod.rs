@@ -12,6 +12,7 @@ pub(crate) mod env;
 
 use crate::error::Error;
 use crate::report::StallReport;
+pub(crate) use crate::stack::StackSupport;
 use env::EnvValues;
 
 /// Default [`Builder::runtime_name`]: `"main"`.
@@ -39,7 +40,7 @@ const MAX_VICTIMS_LIMIT: usize = 100_000;
 const MAX_STALL_LOGS_LIMIT: u64 = 100_000;
 const MAX_STACKS_PER_MINUTE_LIMIT: u64 = 6000;
 
-pub(crate) type StallCallback = Arc<dyn Fn(&StallReport) + Send + Sync>;
+pub(crate) use crate::report::log::StallCallback;
 
 /// Configures and builds a [`LoopLag`]; get one from [`LoopLag::builder`].
 ///
@@ -112,14 +113,6 @@ pub(crate) struct Config {
     pub(crate) stacks: StackSupport,
     pub(crate) stack_signal: i32,
     pub(crate) max_stacks_per_minute: u32,
-}
-
-/// Whether stall stacks can be captured, decided at `build()`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StackSupport {
-    Enabled,
-    Disabled,
-    Unsupported,
 }
 
 /// A setting's value with what an error about it must say: the setting's name (builder

@@ -3,7 +3,6 @@
 //! watchdog's doze flag. Nothing here takes a lock or allocates on the hot path, and nothing
 //! here knows about the watchdog's types (ARCHITECTURE.md, "Thread model").
 
-pub(crate) mod clock;
 pub(crate) mod close_gate;
 pub(crate) mod doze;
 pub(crate) mod epoch;

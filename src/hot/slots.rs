@@ -44,7 +44,8 @@ pub(crate) const BUSY: u64 = 1 << 62;
 /// The watchdog declared the current poll a stall.
 pub(crate) const FLAGGED: u64 = 1 << 63;
 /// The timestamp bits of the activity word.
-pub(crate) const TS_MASK: u64 = BUSY - 1;
+pub(crate) use crate::clock::TS_MASK;
+const _: () = assert!(TS_MASK == BUSY - 1);
 /// How many entered spans a slot remembers; deeper spans are counted, not recorded.
 pub(crate) const STACK_DEPTH: usize = 32;
 /// How many recent poll-level span ids a slot remembers for victim attribution.
@@ -260,7 +261,7 @@ impl Slot {
     #[inline]
     pub(crate) fn poll_start(&self) {
         let previous = self.word.load(Ordering::Relaxed) & TS_MASK;
-        let mut now = crate::hot::clock::raw();
+        let mut now = crate::clock::raw();
         if now <= previous {
             now = previous.saturating_add(1) & TS_MASK;
         }
@@ -285,7 +286,7 @@ impl Slot {
     fn publish_flagged_end(&self) {
         self.end_roots
             .store(crate::hot::epoch::advance(), Ordering::Relaxed);
-        self.end.store(crate::hot::clock::raw(), Ordering::Relaxed);
+        self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
             .and_then(|clock| clock.cpu_time())

@@ -8,7 +8,8 @@ use opentelemetry::trace::{SpanId, TraceId};
 
 use crate::diagnose::StallKind;
 
-pub(crate) mod ratelimit;
+pub(crate) mod log;
+mod ratelimit;
 
 /// One frame of a stalled thread's stack, innermost first in [`StackCapture::Captured`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub struct StackFrame {
     pub file: Option<String>,
     /// The source line, when debug info has it.
     pub line: Option<u32>,
+    /// The code address of the frame (the same for a function and the frames inlined into
+    /// it); 0 when there is none, as for the marker of frames cut from a long stack.
+    pub address: usize,
 }
 
 impl fmt::Display for StackFrame {
@@ -28,7 +32,8 @@ impl fmt::Display for StackFrame {
         match (&self.file, self.line) {
             (Some(file), Some(line)) => write!(f, " at {file}:{line}"),
             (Some(file), None) => write!(f, " at {file}"),
-            _ => Ok(()),
+            (None, _) if self.address != 0 => write!(f, " at {:#x}", self.address),
+            (None, _) => Ok(()),
         }
     }
 }

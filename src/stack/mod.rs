@@ -77,6 +77,8 @@
 )]
 
 use std::fmt;
+
+use crate::report::StackFrame;
 use std::time::Duration;
 
 /// The signal sent to a stalled thread to record its stack, unless configured otherwise: 42.
@@ -348,19 +350,6 @@ impl fmt::Debug for RawStack {
     }
 }
 
-/// One symbolized frame.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Frame {
-    /// The demangled function name without its hash, or `<unknown>`.
-    pub(crate) function: String,
-    /// The source file, when debug info has it.
-    pub(crate) file: Option<String>,
-    /// The source line, when debug info has it.
-    pub(crate) line: Option<u32>,
-    /// The code address (the same for a function and the frames inlined into it).
-    pub(crate) addr: usize,
-}
-
 /// The name [`symbolize`] gives a frame whose function it cannot name.
 pub(crate) const UNKNOWN_FUNCTION: &str = "<unknown>";
 
@@ -375,7 +364,7 @@ pub(crate) const UNKNOWN_FUNCTION: &str = "<unknown>";
 /// Runs on the watchdog thread, never in a signal handler: it takes `backtrace`'s global lock,
 /// reads debug info from disk and allocates. The first call loads the debug info of each
 /// object, which takes time and memory in large debug builds.
-pub(crate) fn symbolize(raw: &RawStack) -> Vec<Frame> {
+pub(crate) fn symbolize(raw: &RawStack) -> Vec<StackFrame> {
     let mut frames = Vec::with_capacity(raw.addrs().len());
     for (index, &addr) in raw.addrs().iter().enumerate() {
         if !raw.is_trampoline(index) {
@@ -401,8 +390,9 @@ fn is_signal_machinery(function: &str) -> bool {
 /// Formats frames one per line, numbered like a Rust backtrace, for `code.stacktrace`.
 ///
 /// A line reads `   3: crate::module::function at src/file.rs:42`; the location is the file
-/// and line when known, else the address. Lines are separated by `\n`, with none at the end.
-pub(crate) fn format_stacktrace(frames: &[Frame]) -> String {
+/// and line when known, else the address, and nothing for a frame without either (the marker
+/// for cut frames). Lines are separated by `\n`, with none at the end.
+pub(crate) fn format_stacktrace(frames: &[StackFrame]) -> String {
     use fmt::Write as _;
     let mut out = String::new();
     for (index, frame) in frames.iter().enumerate() {
@@ -414,14 +404,27 @@ pub(crate) fn format_stacktrace(frames: &[Frame]) -> String {
         let _ = match (&frame.file, frame.line) {
             (Some(file), Some(line)) => write!(out, " at {file}:{line}"),
             (Some(file), None) => write!(out, " at {file}"),
-            (None, _) => write!(out, " at {:#x}", frame.addr),
+            (None, _) if frame.address != 0 => write!(out, " at {:#x}", frame.address),
+            (None, _) => Ok(()),
         };
     }
     out
 }
 
 // The platform implementation, as `imp`: the same items on every platform.
+pub(crate) mod capture;
 pub(crate) mod symbolizer;
+
+/// Whether stall stacks can be captured, decided at `build()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StackSupport {
+    /// The handler is installed on a supported platform.
+    Enabled,
+    /// Turned off by the settings.
+    Disabled,
+    /// Not implemented for this platform.
+    Unsupported,
+}
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod linux;

@@ -115,19 +115,13 @@ impl Symbolizer {
 
 /// The frames of `raw`, symbolized, with a marker when outer frames were cut.
 pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
-    let mut frames: Vec<StackFrame> = crate::stack::symbolize(raw)
-        .into_iter()
-        .map(|frame| StackFrame {
-            function: frame.function,
-            file: frame.file,
-            line: frame.line,
-        })
-        .collect();
+    let mut frames = crate::stack::symbolize(raw);
     if raw.is_truncated() {
         frames.push(StackFrame {
             function: "... (outer frames cut)".to_string(),
             file: None,
             line: None,
+            address: 0,
         });
     }
     StackCapture::Captured(frames)

@@ -3,23 +3,23 @@ use super::*;
 #[test]
 fn format_stacktrace_prints_one_numbered_frame_per_line() {
     let frames = [
-        Frame {
+        StackFrame {
             function: "clock_nanosleep".to_owned(),
             file: None,
             line: None,
-            addr: 0x7f00_0000_1000,
+            address: 0x7f00_0000_1000,
         },
-        Frame {
+        StackFrame {
             function: "app::handler".to_owned(),
             file: Some("src/main.rs".to_owned()),
             line: Some(42),
-            addr: 0x5500_0000_2000,
+            address: 0x5500_0000_2000,
         },
-        Frame {
+        StackFrame {
             function: "app::other".to_owned(),
             file: Some("src/other.rs".to_owned()),
             line: None,
-            addr: 0x5500_0000_3000,
+            address: 0x5500_0000_3000,
         },
     ];
     assert_eq!(
@@ -97,7 +97,7 @@ mod linux {
     }
 
     /// Index of the first frame whose function contains `needle`.
-    fn position(frames: &[Frame], needle: &str) -> Option<usize> {
+    fn position(frames: &[StackFrame], needle: &str) -> Option<usize> {
         frames.iter().position(|f| f.function.contains(needle))
     }
 
@@ -155,7 +155,7 @@ mod linux {
         ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&addr))
     }
 
-    fn capture_symbolized(target: &ThreadTarget) -> (Vec<Frame>, String) {
+    fn capture_symbolized(target: &ThreadTarget) -> (Vec<StackFrame>, String) {
         let raw = capture(target, TIMEOUT).expect("capture");
         let frames = symbolize(&raw);
         let text = format_stacktrace(&frames);
@@ -163,7 +163,7 @@ mod linux {
     }
 
     /// Asserts that `culprit` is named, and above (closer to the top than) `caller`.
-    fn assert_culprit_above_caller(frames: &[Frame], text: &str, culprit: &str, caller: &str) {
+    fn assert_culprit_above_caller(frames: &[StackFrame], text: &str, culprit: &str, caller: &str) {
         eprintln!("--- stack of {culprit}:\n{text}");
         let culprit_at = position(frames, culprit)
             .unwrap_or_else(|| panic!("{culprit} missing from the stack:\n{text}"));
@@ -422,7 +422,7 @@ mod linux {
                 let text = format_stacktrace(&frames);
                 for frame in &frames {
                     assert!(
-                        frame.function != UNKNOWN_FUNCTION || in_ranges(&executable, frame.addr),
+                        frame.function != UNKNOWN_FUNCTION || in_ranges(&executable, frame.address),
                         "capture {i}: bad frame {frame:?}\n{text}"
                     );
                 }

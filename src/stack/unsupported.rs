@@ -1,6 +1,7 @@
 //! Platforms without stack capture: every operation reports [`StackError::Unsupported`].
 
-use super::{Frame, RawStack, StackError, UNKNOWN_FUNCTION};
+use super::{RawStack, StackError, UNKNOWN_FUNCTION};
+use crate::report::StackFrame;
 use std::time::Duration;
 
 pub(super) const HANDLER_NAME: &str = "looplag_stack_signal_handler";
@@ -34,11 +35,11 @@ pub(super) fn in_runtime(_target: &Target, _timeout: Duration) -> Result<bool, S
     Err(StackError::Unsupported)
 }
 
-pub(super) fn resolve(addr: usize, _exact: bool, frames: &mut Vec<Frame>) {
-    frames.push(Frame {
+pub(super) fn resolve(addr: usize, _exact: bool, frames: &mut Vec<StackFrame>) {
+    frames.push(StackFrame {
         function: UNKNOWN_FUNCTION.to_owned(),
         file: None,
         line: None,
-        addr,
+        address: addr,
     });
 }

@@ -12,7 +12,7 @@
 //! Each (stall, root) pair is marked once: the watchdog and a closing thread both claim it
 //! under the stall's lock. With no stall pending a span close costs one relaxed load.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -20,9 +20,10 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use opentelemetry::KeyValue;
 
-use crate::hot::clock;
+use crate::clock;
 use crate::hot::slots::{Flag, Slot};
 use crate::telemetry as names;
+use roots::roots;
 use roots::RootInfo;
 
 pub(crate) mod roots;
@@ -222,4 +223,115 @@ pub(crate) fn mark(
         ],
     );
     span.add_link(stall.clone(), Vec::new());
+}
+
+/// A stall that just ended, as the victim marking needs it.
+pub(crate) struct EndedStall<'a> {
+    /// `thread_uid` of the stalled worker thread.
+    pub(crate) thread: u64,
+    /// Roots with an epoch below this were created before the end.
+    pub(crate) roots_before: u64,
+    /// The token of the culprit's own root, never its own victim.
+    pub(crate) culprit: Option<u64>,
+    /// `max_victims`.
+    pub(crate) limit: usize,
+    /// The stall span.
+    pub(crate) span: &'a SpanContext,
+    pub(crate) start_time: SystemTime,
+    pub(crate) duration: Duration,
+}
+
+/// Marks the victims of a stall that ended (the watchdog, at the tick that saw the end):
+/// every in-flight root that waited on the stalled worker and was not marked already as it
+/// closed (see [`root_closing`]), under the pending stall's lock, then closes its marks.
+/// `context` gives a root's OpenTelemetry context while it is open. Returns how many were
+/// marked and how many were left unmarked for the limit.
+pub(crate) fn mark_ended(
+    stall: &EndedStall<'_>,
+    pending: Option<PendingGuard>,
+    context: impl Fn(&RootInfo) -> Option<opentelemetry::Context>,
+) -> (usize, usize) {
+    let mut own = Marks::default();
+    let mut guard = pending.as_ref().map(|pending| pending.marks());
+    let marks = guard.as_deref_mut().unwrap_or(&mut own);
+    let (chosen, dropped) = roots().victims(
+        stall.thread,
+        stall.roots_before,
+        |token| Some(token) == stall.culprit || marks.contains(token),
+        marks.room(stall.limit),
+    );
+    marks.add_dropped(dropped);
+    for root in &chosen {
+        if let Some(context) = context(root) {
+            mark(&context, stall.span, stall.start_time, stall.duration);
+            marks.insert(root.token);
+        }
+    }
+    marks.close();
+    (marks.marked(), marks.dropped())
+}
+
+/// Follows on which worker each in-flight request was last polled, from the poll-level span
+/// ids the slots record (watchdog side, once per tick).
+#[derive(Debug, Default)]
+pub(crate) struct PolledRoots {
+    /// Per slot (by thread uid): how far its ring of poll-level span ids has been read.
+    cursors: HashMap<u64, usize>,
+}
+
+impl PolledRoots {
+    /// Records on which worker each in-flight trace was last polled.
+    ///
+    /// A poll-level span is most often the request's root itself; the others are resolved
+    /// to their root with `root_id_of` (a registry lookup). The roots are then looked up in
+    /// the root tables once for the whole tick.
+    pub(crate) fn track(&mut self, slots: &[Arc<Slot>], root_id_of: impl Fn(u64) -> Option<u64>) {
+        self.cursors
+            .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
+        // (worker thread, span id), oldest first per worker.
+        let mut polled: Vec<(u64, u64)> = Vec::new();
+        for slot in slots {
+            let cursor = self.cursors.entry(slot.thread_uid).or_insert(0);
+            let mut previous = 0;
+            slot.drain_poll_spans(cursor, |id| {
+                if id != previous {
+                    previous = id;
+                    polled.push((slot.thread_uid, id));
+                }
+            });
+        }
+        if polled.is_empty() {
+            return;
+        }
+        let ids: HashSet<u64> = polled.iter().map(|&(_, id)| id).collect();
+        let mut found: HashMap<u64, Arc<RootInfo>> = roots()
+            .find(&ids)
+            .into_iter()
+            .map(|root| (root.id, root))
+            .collect();
+        let root_of: HashMap<u64, u64> = ids
+            .iter()
+            .filter(|id| !found.contains_key(id))
+            .filter_map(|&id| Some((id, root_id_of(id)?)))
+            .collect();
+        let missing: HashSet<u64> = root_of
+            .values()
+            .filter(|root| !found.contains_key(root))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            found.extend(
+                roots()
+                    .find(&missing)
+                    .into_iter()
+                    .map(|root| (root.id, root)),
+            );
+        }
+        for (thread, id) in polled {
+            let root_id = root_of.get(&id).copied().unwrap_or(id);
+            if let Some(root) = found.get(&root_id) {
+                root.last_polled_on.store(thread, Ordering::Relaxed);
+            }
+        }
+    }
 }

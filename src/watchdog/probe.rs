@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::hot::clock;
+use crate::clock;
 
 /// Most back-filled samples recorded for one stuck probe (100 000 × 10 ms = 1000 s).
 const MAX_BACKFILL: u64 = 100_000;

@@ -24,7 +24,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::{Slot, Snapshot, BUSY, FLAGGED, TS_MASK};
-use crate::hot::clock;
+use crate::clock;
 use crate::hot::sync::Ordering;
 
 /// What the owner did in one poll: its start timestamp and clock reads bracketing its end.

@@ -1,24 +1,25 @@
 //! Symbolization, on the watchdog thread.
 
-use crate::stack::{Frame, UNKNOWN_FUNCTION};
+use crate::report::StackFrame;
+use crate::stack::UNKNOWN_FUNCTION;
 use std::ffi::c_void;
 
 /// Appends the frames (inlined ones first) at `addr`; `exact` marks an interrupted
 /// instruction, which is looked up as is rather than as a return address.
-pub(in crate::stack) fn resolve(addr: usize, exact: bool, frames: &mut Vec<Frame>) {
+pub(in crate::stack) fn resolve(addr: usize, exact: bool, frames: &mut Vec<StackFrame>) {
     // `backtrace::resolve` subtracts one to land inside the call instruction; an exact
     // address is no return address, so compensate.
     let lookup = if exact { addr.saturating_add(1) } else { addr };
     let before = frames.len();
     backtrace::resolve(lookup as *mut c_void, |symbol| {
-        frames.push(Frame {
+        frames.push(StackFrame {
             function: symbol
                 .name()
                 .map(|name| format!("{name:#}"))
                 .unwrap_or_else(|| UNKNOWN_FUNCTION.to_owned()),
             file: symbol.filename().map(|path| path.display().to_string()),
             line: symbol.lineno(),
-            addr,
+            address: addr,
         });
     });
     let named = frames
@@ -32,11 +33,11 @@ pub(in crate::stack) fn resolve(addr: usize, exact: bool, frames: &mut Vec<Frame
     let function = dynamic_symbol(if exact { addr } else { addr.saturating_sub(1) })
         .unwrap_or_else(|| UNKNOWN_FUNCTION.to_owned());
     frames.truncate(before);
-    frames.push(Frame {
+    frames.push(StackFrame {
         function,
         file: None,
         line: None,
-        addr,
+        address: addr,
     });
 }
 

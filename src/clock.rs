@@ -8,6 +8,10 @@
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
+/// The bits of a raw timestamp: 62, so that a slot's activity word has two flag bits above
+/// them (see `hot::slots`).
+pub(crate) const TS_MASK: u64 = (1 << 62) - 1;
+
 #[cfg(not(all(test, looplag_loom)))]
 static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
 
@@ -22,7 +26,7 @@ pub(crate) fn init() {
 #[inline]
 pub(crate) fn raw() -> u64 {
     match CLOCK.get() {
-        Some(clock) => clock.raw() & crate::hot::slots::TS_MASK,
+        Some(clock) => clock.raw() & TS_MASK,
         None => 0,
     }
 }
@@ -49,7 +53,7 @@ pub(crate) fn init() {}
 /// Model checking: the next tick of the fake clock.
 #[cfg(all(test, looplag_loom))]
 pub(crate) fn raw() -> u64 {
-    FAKE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & crate::hot::slots::TS_MASK
+    FAKE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) & TS_MASK
 }
 
 /// Model checking: one tick is one nanosecond.
