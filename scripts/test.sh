@@ -24,7 +24,7 @@ export LOOPLAG_ROTEL_BIN
 
 step "collector config, alert rules and dashboard match the crate's telemetry names"
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet pyyaml
-PROMTOOL="$(./scripts/promtool.sh)" python3 scripts/check_collector_config.py --require-promtool
+PROMTOOL="$(./scripts/promtool.sh)" python3 scripts/check_collector_config.py --require-promtool --self-test
 
 step "format and lints"
 cargo fmt --check

@@ -138,3 +138,267 @@ pub(crate) fn scope() -> opentelemetry::InstrumentationScope {
         .with_version(env!("CARGO_PKG_VERSION"))
         .build()
 }
+
+/// The table of Prometheus series and OpenTelemetry names that `collector/` may use
+/// (`collector/series.txt`, read by `scripts/check_collector_config.py`), derived from the
+/// instruments above as the collector's `prometheus` exporter names them.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StallKind;
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The committed table, relative to the crate root.
+    const TABLE: &str = "collector/series.txt";
+    /// Set to `1` to rewrite [`TABLE`] instead of comparing with it.
+    const BLESS: &str = "LOOPLAG_BLESS";
+
+    /// Labels the collector's `prometheus` exporter puts on every series: `job` and `instance`
+    /// from the resource's `service.name` and `service.instance.id`, and the instrumentation
+    /// scope (opentelemetry-collector-contrib#40004).
+    const EXPORTER_LABELS: [&str; 5] = [
+        "job",
+        "instance",
+        "otel_scope_name",
+        "otel_scope_version",
+        "otel_scope_schema_url",
+    ];
+
+    /// Every stall kind, by an exhaustive match: a new kind fails to compile here.
+    fn stall_kinds() -> Vec<StallKind> {
+        let all = [StallKind::Cpu, StallKind::Blocked, StallKind::Mixed];
+        for kind in all {
+            match kind {
+                StallKind::Cpu | StallKind::Blocked | StallKind::Mixed => {}
+            }
+        }
+        all.to_vec()
+    }
+
+    /// Attribute names of the stall span and the victim event. The metrics' attributes (as
+    /// labels) come from the exported data points instead.
+    const SPAN_ATTRIBUTES: [&str; 18] = [
+        RUNTIME_NAME,
+        THREAD_ID,
+        THREAD_NAME,
+        CODE_STACKTRACE,
+        TASK_ID,
+        CODE_FILE_PATH,
+        CODE_LINE_NUMBER,
+        WORKER_INDEX,
+        STALL_EXACT,
+        STALL_KIND,
+        STALL_CPU_TIME,
+        STALL_SYSCALL,
+        STACK_STATUS,
+        VICTIM_DURATION,
+        VICTIM_TRACE_ID,
+        VICTIM_SPAN_ID,
+        VICTIMS,
+        VICTIMS_DROPPED,
+    ];
+
+    /// OpenTelemetry name to Prometheus name, as otlptranslator's `MetricNamer` does with
+    /// suffixes and without UTF-8 (the exporter's default `UnderscoreEscapingWithSuffixes`):
+    /// every character outside `[a-zA-Z0-9:]` becomes `_`, then the unit's word.
+    fn prometheus_base(name: &str, unit: &str) -> String {
+        let mut out: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == ':' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let word = match unit {
+            "s" => Some("seconds"),
+            // A unit in braces is an annotation ({stall}); "1" is dimensionless.
+            "1" => None,
+            u if u.starts_with('{') && u.ends_with('}') => None,
+            other => panic!(
+                "unit {other:?}: add its Prometheus word (otlptranslator unit_namer.go) here"
+            ),
+        };
+        if let Some(word) = word {
+            if !out.split('_').any(|token| token == word) {
+                out.push('_');
+                out.push_str(word);
+            }
+        }
+        out
+    }
+
+    /// Attribute key to label: every character outside `[a-zA-Z0-9_]` becomes `_`.
+    fn prometheus_label(key: &str) -> String {
+        key.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
+    /// A bucket bound as the exporter writes `le` (Go `strconv.FormatFloat(b, 'g', -1, 64)`),
+    /// which Rust's `{}` matches in this range.
+    fn le_value(bound: f64) -> String {
+        assert!(
+            (1e-4..1e6).contains(&bound),
+            "bound {bound}: Go writes it with an exponent; teach le_value that form"
+        );
+        format!("{bound}")
+    }
+
+    /// Builds the crate's instruments on an in-memory SDK, records one value with every
+    /// attribute set the crate uses, and renders the table.
+    fn expected_table() -> String {
+        let exporter = InMemoryMetricExporter::default();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            .build();
+        let instruments = Instruments::new(&provider.meter_with_scope(scope()), "main");
+        instruments.delay.record(0.001, &instruments.attributes);
+        let kinds = stall_kinds();
+        for kind in &kinds {
+            // As the watchdog records stalls: the runtime attribute plus the stall kind.
+            let mut attributes = instruments.attributes.to_vec();
+            attributes.push(KeyValue::new(STALL_KIND, kind.as_str()));
+            instruments.stalls.add(1, &attributes);
+            instruments.stall_duration.record(1.0, &attributes);
+        }
+        provider.force_flush().expect("flush metrics");
+        let exports = exporter.get_finished_metrics().expect("read metrics");
+
+        let mut metrics = BTreeMap::new(); // OTel name -> line
+        let mut series = BTreeMap::new(); // Prometheus name -> labels
+        let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut le: Vec<f64> = Vec::new();
+        for scope_metrics in exports.iter().flat_map(|e| e.scope_metrics()) {
+            assert_eq!(scope_metrics.scope().name(), SCOPE);
+            for metric in scope_metrics.metrics() {
+                let mut labels = BTreeSet::new();
+                let mut note = |key: &str, value: String| {
+                    let label = prometheus_label(key);
+                    if key == STALL_KIND {
+                        values.entry(label.clone()).or_default().insert(value);
+                    }
+                    labels.insert(label);
+                };
+                let base = prometheus_base(metric.name(), metric.unit());
+                let (kind, names) = match metric.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(sum)) if sum.is_monotonic() => {
+                        for point in sum.data_points() {
+                            for kv in point.attributes() {
+                                note(kv.key.as_str(), kv.value.to_string());
+                            }
+                        }
+                        ("counter", vec![(format!("{base}_total"), false)])
+                    }
+                    AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
+                        for point in histogram.data_points() {
+                            for kv in point.attributes() {
+                                note(kv.key.as_str(), kv.value.to_string());
+                            }
+                            for bound in point.bounds() {
+                                if !le.contains(&bound) {
+                                    le.push(bound);
+                                }
+                            }
+                        }
+                        let names = vec![
+                            (format!("{base}_bucket"), true),
+                            (format!("{base}_sum"), false),
+                            (format!("{base}_count"), false),
+                        ];
+                        ("histogram", names)
+                    }
+                    other => panic!(
+                        "{}: {other:?}: teach this test its Prometheus names",
+                        metric.name()
+                    ),
+                };
+                let unit = metric.unit();
+                metrics.insert(
+                    metric.name().to_string(),
+                    format!("metric {} {kind} {unit} {base}", metric.name()),
+                );
+                for (name, bucket) in names {
+                    let mut labels = labels.clone();
+                    if bucket {
+                        labels.insert("le".to_string());
+                    }
+                    series.insert(name, labels);
+                }
+            }
+        }
+        assert_eq!(metrics.len(), 3, "one entry per instrument of Instruments");
+        le.sort_by(f64::total_cmp);
+        let mut le: Vec<String> = le.into_iter().map(le_value).collect();
+        le.push("+Inf".to_string());
+
+        let mut out = String::new();
+        out.push_str(concat!(
+            "# What looplag emits, as collector/ (alerts, their tests, dashboard, collector\n",
+            "# config) may name it. Generated by the unit test in src/telemetry.rs from the crate's\n",
+            "# instruments and names: do not edit; regenerate with\n",
+            "#     LOOPLAG_BLESS=1 cargo test --lib telemetry\n",
+            "# Read by scripts/check_collector_config.py.\n",
+            "#\n",
+            "# Prometheus names are those of the collector's prometheus exporter with its default\n",
+            "# translation_strategy UnderscoreEscapingWithSuffixes (otlptranslator): characters\n",
+            "# outside [a-zA-Z0-9:] become _, unit s adds _seconds, a unit in braces adds nothing,\n",
+            "# counters add _total, histograms are _bucket (with le), _sum and _count.\n",
+            "#\n",
+            "# metric <OpenTelemetry name> <instrument> <unit> <Prometheus base name>\n",
+        ));
+        for line in metrics.values() {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("# series <Prometheus name> <label>... (besides the exporter labels)\n");
+        for (name, labels) in &series {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            out.push_str(&format!("series {name} {}\n", labels.join(" ")));
+        }
+        out.push_str("# exporter_labels <label>... (on every series)\n");
+        out.push_str(&format!("exporter_labels {}\n", EXPORTER_LABELS.join(" ")));
+        out.push_str("# values <label> <value>... (every value the label takes)\n");
+        out.push_str(&format!("values le {}\n", le.join(" ")));
+        for (label, set) in &values {
+            let set: Vec<&str> = set.iter().map(String::as_str).collect();
+            out.push_str(&format!("values {label} {}\n", set.join(" ")));
+        }
+        out.push_str("# span <name>, event <name>, attribute <name>: the traces side\n");
+        out.push_str(&format!("span {STALL_SPAN}\nevent {VICTIM_EVENT}\n"));
+        let attributes: BTreeSet<&str> = SPAN_ATTRIBUTES.into_iter().collect();
+        for attribute in attributes {
+            out.push_str(&format!("attribute {attribute}\n"));
+        }
+        out
+    }
+
+    #[test]
+    fn collector_series_table_matches_the_instruments() {
+        let expected = expected_table();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TABLE);
+        if std::env::var(BLESS).is_ok_and(|v| v == "1") {
+            std::fs::write(&path, &expected).expect("write the table");
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == expected,
+            "{TABLE} does not match the instruments and names of src/telemetry.rs.\n\
+             Regenerate it with `{BLESS}=1 cargo test --lib telemetry`, then update what in \
+             collector/ uses a changed name (scripts/check_collector_config.py finds it).\n\
+             Expected content:\n{expected}"
+        );
+    }
+}
