@@ -29,6 +29,7 @@
 //! `phase=after`) arrives as a stall span, and the metrics arrive again, with the stalls
 //! counted during the outage.
 
+mod common;
 mod support;
 
 use std::collections::HashMap;
@@ -38,17 +39,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use looplag::{LoopLag, StallState, Watchdog};
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry::trace::TracerProvider as _;
+use looplag::{StallState, Watchdog};
 use support::rotel::{self, Collector, Dump};
 use support::telemetry::{OtlpTarget, Protocol, Settings, Telemetry};
 use support::{app, Server};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::Layer as _;
 
 // ---- live heap bytes of the whole process ------------------------------------------------
 
@@ -116,51 +112,29 @@ struct App {
 impl App {
     fn start(service: &str, endpoint: String) -> App {
         let settings = Settings {
-            service_name: Some(service.to_string()),
-            otlp: Some(OtlpTarget::at(Protocol::Grpc, endpoint)),
-            metric_interval: Duration::from_millis(500),
-            span_delay: Duration::from_millis(200),
             export_timeout: Some(EXPORT_TIMEOUT),
+            ..support::otlp_settings(
+                service,
+                OtlpTarget::at(Protocol::Grpc, endpoint),
+                Duration::from_millis(500),
+            )
         };
-        let telemetry = Telemetry::new(&settings, None).expect("build the OTLP pipeline");
         let stalls = Arc::new(Stalls::default());
         let counts = Arc::clone(&stalls);
-        let looplag = LoopLag::builder()
-            .meter(telemetry.meter_provider.meter("looplag"))
-            .tracer(telemetry.tracer_provider.tracer("looplag"))
-            .on_stall(move |report| {
-                if report.report_number == 1 {
-                    counts.detected.fetch_add(1, Ordering::Relaxed);
-                }
-                if report.state == StallState::Ended {
-                    counts.ended.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .build()
-            .expect("valid looplag settings");
-        // looplag's layer first (see LoopLagLayer), then tracing-opentelemetry's.
-        tracing_subscriber::registry()
-            .with(looplag.layer())
-            .with(support::telemetry::otel_layer(
-                telemetry.tracer_provider.tracer("e2e"),
-            ))
-            // The SDK's export errors (printed with the test's output); looplag's own WARN
-            // lines for every stall are left out (the tests count stalls with `on_stall`).
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_test_writer()
-                    .with_filter(
-                        Targets::new()
-                            .with_default(LevelFilter::WARN)
-                            .with_target("looplag", LevelFilter::OFF),
-                    ),
-            )
-            .try_init()
-            .expect("one global subscriber per test process: run the tests with cargo nextest");
-        let mut builder = tokio::runtime::Builder::new_current_thread();
-        builder.enable_all();
-        looplag.hook_runtime(&mut builder);
-        let runtime = builder.build().expect("runtime");
+        // The SDK's export errors (printed with the test's output); looplag's own WARN lines
+        // for every stall are left out (the tests count stalls with `on_stall`).
+        let log = Targets::new()
+            .with_default(LevelFilter::WARN)
+            .with_target("looplag", LevelFilter::OFF);
+        let (telemetry, looplag) = support::otlp_pipeline(&settings, log, move |report| {
+            if report.report_number == 1 {
+                counts.detected.fetch_add(1, Ordering::Relaxed);
+            }
+            if report.state == StallState::Ended {
+                counts.ended.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let runtime = common::current_thread(&looplag);
         let watchdog = looplag.start(runtime.handle()).expect("start looplag");
         let server = Server::start(runtime, app::AppState::default());
         App {

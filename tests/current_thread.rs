@@ -38,11 +38,7 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
         b.await.unwrap();
         c.await.unwrap();
     });
-    assert!(
-        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
-        "one ended stall report: {:#?}",
-        h.reports()
-    );
+    h.wait_ended(1, Duration::from_secs(10));
     // Let the probe that waited through the stall be collected.
     std::thread::sleep(Duration::from_millis(100));
     drop(watchdog);
@@ -177,11 +173,7 @@ fn stall_with_waiters(h: &Harness, waits: &[u64]) -> usize {
             waiter.await.unwrap();
         }
     });
-    assert!(
-        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
-        "{:#?}",
-        h.reports()
-    );
+    h.wait_ended(1, Duration::from_secs(10));
     drop(watchdog);
     h.finished_spans()
         .iter()
@@ -255,11 +247,8 @@ fn stall_outside_any_span_is_found_and_an_undriven_runtime_is_not_a_stall() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
-    assert!(
-        wait_until(Duration::from_secs(10), || h.ended_reports().len() == 1),
-        "the stall outside any span is reported and ends: {:#?}",
-        h.reports()
-    );
+    // The stall outside any span is reported and ends.
+    h.wait_ended(1, Duration::from_secs(10));
     // Undriven again, for longer than the recheck backoff's first steps.
     std::thread::sleep(Duration::from_millis(400));
     drop(watchdog);
@@ -332,12 +321,8 @@ fn a_driver_thread_that_blocks_the_stack_signal_gets_no_guessed_stalls() {
                     .await
                     .unwrap();
                 });
-                assert!(
-                    wait_until(Duration::from_secs(10), || h.ended_reports().len()
-                        == expected),
-                    "the stall in a span is reported: {:#?}",
-                    h.reports()
-                );
+                // The stall in a span is reported.
+                h.wait_ended(expected, Duration::from_secs(10));
                 drop(watchdog);
                 h.ended_reports()
             })

@@ -10,23 +10,15 @@ use std::time::Duration;
 use common::*;
 use looplag::{StallKind, StallReport};
 use opentelemetry::Value;
-use tracing::Instrument;
 
 /// Runs `block` inside span `culprit` on a current-thread runtime; returns the final report.
 fn stall(h: &Harness, block: impl FnOnce() + Send + 'static) -> StallReport {
-    let runtime = current_thread(&h.looplag);
-    let watchdog = h.looplag.start(runtime.handle()).expect("start");
-    runtime.block_on(async {
-        tokio::spawn(async move { block() }.instrument(tracing::info_span!("culprit")))
-            .await
-            .unwrap();
-    });
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 1));
-    drop(watchdog);
-    h.ended_reports()[0].clone()
+    h.stall_in_span(
+        &current_thread(&h.looplag),
+        || tracing::info_span!("culprit"),
+        async move { block() },
+        Duration::from_secs(10),
+    )
 }
 
 fn stall_span_attr(h: &Harness, key: &str) -> Option<Value> {

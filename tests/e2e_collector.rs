@@ -5,6 +5,7 @@
 //! rotel is installed by `scripts/test.sh` (`scripts/rotel.sh install`); a test that cannot
 //! start it fails.
 
+mod common;
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,16 +13,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::current_thread;
 use looplag::{LoopLag, StallReport, StallState};
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry::trace::TracerProvider as _;
 use support::rotel::{self, Collector, Dump, Span};
-use support::telemetry::{OtlpTarget, Protocol, Settings, Telemetry};
+use support::telemetry::{OtlpTarget, Protocol, Telemetry};
 use support::{app, Server};
+use tracing::level_filters::LevelFilter;
 use tracing::Instrument as _;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::Targets;
 
 /// How long the collector gets to show what was sent (export + a loaded machine).
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,47 +37,19 @@ struct App {
 
 /// The demo's pipeline, exporting to `target`, with looplag and the global subscriber.
 fn app(service: &str, target: OtlpTarget, metric_interval: Duration) -> App {
-    let settings = Settings {
-        service_name: Some(service.to_string()),
-        otlp: Some(target),
-        metric_interval,
-        span_delay: Duration::from_millis(200),
-        ..Settings::default()
-    };
-    let telemetry = Telemetry::new(&settings, None).expect("build the OTLP pipeline");
     let (sender, reports) = mpsc::channel();
-    let looplag = LoopLag::builder()
-        .meter(telemetry.meter_provider.meter("looplag"))
-        .tracer(telemetry.tracer_provider.tracer("looplag"))
-        .on_stall(move |report| {
+    let (telemetry, looplag) = support::otlp_pipeline(
+        &support::otlp_settings(service, target, metric_interval),
+        Targets::new().with_default(LevelFilter::WARN),
+        move |report| {
             let _ = sender.send(report.clone());
-        })
-        .build()
-        .expect("valid looplag settings");
-    tracing_subscriber::registry()
-        .with(looplag.layer())
-        .with(support::telemetry::otel_layer(
-            telemetry.tracer_provider.tracer("e2e"),
-        ))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_test_writer()
-                .with_filter(tracing::level_filters::LevelFilter::WARN),
-        )
-        .try_init()
-        .expect("one global subscriber per test process: run the tests with cargo nextest");
+        },
+    );
     App {
         telemetry,
         looplag,
         reports,
     }
-}
-
-fn current_thread(looplag: &LoopLag) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_all();
-    looplag.hook_runtime(&mut builder);
-    builder.build().expect("runtime")
 }
 
 /// Waits for the first ended stall report (which waits for the stack's symbols: the first

@@ -55,11 +55,7 @@ fn victims_carry_the_stall_event(fast_ms: u64) {
             "every request succeeds: {replies:?}"
         );
     }
-    assert!(
-        wait_until(Duration::from_secs(5), || h.ended_reports().len() == 1),
-        "one ended stall report: {:#?}",
-        h.reports()
-    );
+    h.wait_ended(1, Duration::from_secs(5));
     let runtime = server.stop();
     drop(watchdog);
 

@@ -409,25 +409,13 @@ fn two_runtimes_each_report_under_their_own_name() {
     tasks.extend(traffic(&beta_rt, "beta", &stop));
     std::thread::sleep(Duration::from_millis(100));
 
-    alpha_rt
-        .block_on(
-            alpha_rt.spawn(
-                async { std::thread::sleep(Duration::from_millis(200)) }
-                    .instrument(tracing::info_span!("culprit_alpha")),
-            ),
-        )
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(2), || !h
-        .ended_reports()
-        .is_empty()));
-    beta_rt
-        .block_on(
-            beta_rt.spawn(
-                async { std::thread::sleep(Duration::from_millis(300)) }
-                    .instrument(tracing::info_span!("culprit_beta")),
-            ),
-        )
-        .unwrap();
+    run_in_span(&alpha_rt, || tracing::info_span!("culprit_alpha"), async {
+        std::thread::sleep(Duration::from_millis(200))
+    });
+    h.wait_ended(1, Duration::from_secs(2));
+    run_in_span(&beta_rt, || tracing::info_span!("culprit_beta"), async {
+        std::thread::sleep(Duration::from_millis(300))
+    });
     assert!(wait_until(Duration::from_secs(2), || first_report(
         &beta_reports,
         StallState::Ended

@@ -131,9 +131,7 @@ fn uninstrumented_stall_is_detected_while_blocked() {
         r.store(true, Ordering::SeqCst);
     });
     runtime.block_on(task).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || !h
-        .ended_reports()
-        .is_empty()));
+    h.wait_ended(1, Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
     drop(watchdog);
 

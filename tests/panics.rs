@@ -89,19 +89,10 @@ fn panics_in_instrumented_tasks_leave_the_worker_consistent() {
     );
 
     // The next stall on the same (only) worker thread is exact.
-    runtime.block_on(async {
-        tokio::spawn(
-            async { std::thread::sleep(Duration::from_millis(200)) }
-                .instrument(tracing::info_span!("after")),
-        )
-        .await
-        .unwrap();
+    run_in_span(&runtime, || tracing::info_span!("after"), async {
+        std::thread::sleep(Duration::from_millis(200))
     });
-    assert!(
-        wait_until(Duration::from_secs(10), || !h.ended_reports().is_empty()),
-        "1 ended stall(s): {:#?}",
-        h.reports()
-    );
+    h.wait_ended(1, Duration::from_secs(10));
     drop(watchdog);
 
     let ended = h.ended_reports();
@@ -133,26 +124,13 @@ fn a_panic_during_a_stall_ends_it_and_the_next_stall_on_that_worker_is_exact() {
         .instrument(tracing::info_span!("doomed")),
     );
     assert!(runtime.block_on(doomed).unwrap_err().is_panic());
-    assert!(
-        wait_until(Duration::from_secs(10), || !h.ended_reports().is_empty()),
-        "1 ended stall(s): {:#?}",
-        h.reports()
-    );
+    h.wait_ended(1, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(100));
 
-    runtime
-        .block_on(
-            runtime.spawn(
-                async { std::thread::sleep(Duration::from_millis(200)) }
-                    .instrument(tracing::info_span!("after")),
-            ),
-        )
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || h.ended_reports().len() >= 2),
-        "2 ended stall(s): {:#?}",
-        h.reports()
-    );
+    run_in_span(&runtime, || tracing::info_span!("after"), async {
+        std::thread::sleep(Duration::from_millis(200))
+    });
+    h.wait_ended(2, Duration::from_secs(10));
     drop(watchdog);
 
     let ended = h.ended_reports();

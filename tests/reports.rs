@@ -29,14 +29,9 @@ fn in_progress_report_arrives_long_before_a_two_second_block_returns() {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    runtime
-        .block_on(
-            runtime.spawn(
-                async { std::thread::sleep(Duration::from_secs(2)) }
-                    .instrument(tracing::info_span!("slow")),
-            ),
-        )
-        .unwrap();
+    run_in_span(&runtime, || tracing::info_span!("slow"), async {
+        std::thread::sleep(Duration::from_secs(2))
+    });
     returned.store(true, Ordering::SeqCst);
     watcher.join().unwrap();
     drop(watchdog);
@@ -70,10 +65,7 @@ fn a_worker_blocked_for_three_seconds_is_reported_at_least_twice_while_blocked()
         .await
         .unwrap();
     });
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 1));
+    h.wait_ended(1, Duration::from_secs(10));
     drop(watchdog);
 
     let reports = h.reports();

@@ -46,8 +46,6 @@ async fn task_that_calls_the_culprit(which: &'static str, lock: Arc<Mutex<()>>) 
 /// Runs one stall of kind `which` inside span `culprit` on a current-thread runtime and
 /// returns the stall span's `code.stacktrace` and the final report.
 fn stall(h: &Harness, which: &'static str) -> (String, StallReport) {
-    let runtime = current_thread(&h.looplag);
-    let watchdog = h.looplag.start(runtime.handle()).expect("start");
     let lock = Arc::new(Mutex::new(()));
     let holder = if which == "lock" {
         let lock = Arc::clone(&lock);
@@ -62,28 +60,21 @@ fn stall(h: &Harness, which: &'static str) -> (String, StallReport) {
     } else {
         None
     };
-    runtime.block_on(async {
-        tokio::spawn(
-            task_that_calls_the_culprit(which, Arc::clone(&lock))
-                .instrument(tracing::info_span!("culprit")),
-        )
-        .await
-        .unwrap();
-    });
+    let report = h.stall_in_span(
+        &current_thread(&h.looplag),
+        || tracing::info_span!("culprit"),
+        task_that_calls_the_culprit(which, Arc::clone(&lock)),
+        Duration::from_secs(5),
+    );
     if let Some(holder) = holder {
         holder.join().unwrap();
     }
-    assert!(wait_until(Duration::from_secs(5), || h
-        .ended_reports()
-        .len()
-        == 1));
-    drop(watchdog);
     let stalls = h.stall_spans();
     assert_eq!(stalls.len(), 1);
     let Some(Value::String(stack)) = attr(&stalls[0], "code.stacktrace") else {
         panic!("code.stacktrace on the stall span: {:#?}", stalls[0]);
     };
-    (stack.to_string(), h.ended_reports()[0].clone())
+    (stack.to_string(), report)
 }
 
 /// Position of the first line of `stack` containing `needle`.
@@ -148,10 +139,7 @@ fn stack_captures_are_rate_limited_and_suppressions_counted() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 8));
+    h.wait_ended(8, Duration::from_secs(10));
     drop(watchdog);
     let ended = h.ended_reports();
     let captured = ended
@@ -187,22 +175,13 @@ fn stack_captures_are_rate_limited_and_suppressions_counted() {
 #[test]
 fn capture_stacks_off_takes_no_stack() {
     let h = harness(|b| b.capture_stacks(false));
-    let runtime = current_thread(&h.looplag);
-    let watchdog = h.looplag.start(runtime.handle()).expect("start");
-    runtime.block_on(async {
-        tokio::spawn(
-            async { std::thread::sleep(Duration::from_millis(100)) }
-                .instrument(tracing::info_span!("culprit")),
-        )
-        .await
-        .unwrap();
-    });
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 1));
-    drop(watchdog);
-    assert_eq!(h.ended_reports()[0].stack, StackCapture::Disabled);
+    let report = h.stall_in_span(
+        &current_thread(&h.looplag),
+        || tracing::info_span!("culprit"),
+        async { std::thread::sleep(Duration::from_millis(100)) },
+        Duration::from_secs(10),
+    );
+    assert_eq!(report.stack, StackCapture::Disabled);
     let stall = &h.stall_spans()[0];
     assert_eq!(attr(stall, "code.stacktrace"), None);
     assert_eq!(

@@ -48,18 +48,10 @@ fn unhooked_multi_thread_runtime_still_gets_estimated_stalls() {
         .unwrap();
     let watchdog = h.looplag.start(runtime.handle()).expect("start");
     std::thread::sleep(Duration::from_millis(50));
-    runtime
-        .block_on(
-            runtime.spawn(
-                async { std::thread::sleep(Duration::from_millis(300)) }
-                    .instrument(tracing::info_span!("culprit")),
-            ),
-        )
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 1));
+    run_in_span(&runtime, || tracing::info_span!("culprit"), async {
+        std::thread::sleep(Duration::from_millis(300))
+    });
+    h.wait_ended(1, Duration::from_secs(10));
     drop(watchdog);
     let report = &h.ended_reports()[0];
     assert!(!report.exact, "estimated: {report:#?}");

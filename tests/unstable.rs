@@ -18,10 +18,7 @@ fn uninstrumented_stall_is_exact_with_task_id_and_spawn_location() {
     let spawn_line = line!() + 1;
     let task = runtime.spawn(async { std::thread::sleep(Duration::from_millis(200)) });
     runtime.block_on(task).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || h
-        .ended_reports()
-        .len()
-        == 1));
+    h.wait_ended(1, Duration::from_secs(10));
     drop(watchdog);
 
     let stalls = h.stall_spans();

@@ -5,6 +5,7 @@
 //! `cargo nextest run` does that (the README's test command uses it).
 #![allow(dead_code, unreachable_pub)]
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tokio::runtime::Runtime;
+use tracing::Instrument as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -71,14 +74,14 @@ pub fn harness(configure: impl FnOnce(looplag::Builder) -> looplag::Builder) -> 
 
 use tracing_subscriber::Layer as _;
 
-pub fn current_thread(looplag: &LoopLag) -> tokio::runtime::Runtime {
+pub fn current_thread(looplag: &LoopLag) -> Runtime {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
     looplag.hook_runtime(&mut builder);
     builder.build().expect("runtime")
 }
 
-pub fn multi_thread(looplag: &LoopLag, workers: usize) -> tokio::runtime::Runtime {
+pub fn multi_thread(looplag: &LoopLag, workers: usize) -> Runtime {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(workers).enable_all();
     looplag.hook_runtime(&mut builder);
@@ -115,6 +118,39 @@ impl Harness {
             .into_iter()
             .filter(|report| report.state == StallState::Ended)
             .collect()
+    }
+
+    /// Waits up to `timeout` until exactly `n` stalls have ended and returns their reports;
+    /// fails the test, listing every report so far, if that does not happen.
+    #[track_caller]
+    pub fn wait_ended(&self, n: usize, timeout: Duration) -> Vec<StallReport> {
+        assert!(
+            wait_until(timeout, || self.ended_reports().len() == n),
+            "{n} ended stall report(s) within {timeout:?}: {:#?}",
+            self.reports()
+        );
+        self.ended_reports()
+    }
+
+    /// Starts the watchdog on `runtime`, runs `culprit` as a task inside the span that `span`
+    /// makes (both made inside `block_on`, where an application makes them), waits up to
+    /// `timeout` for the one ended stall, stops the watchdog and returns that stall's report.
+    #[track_caller]
+    pub fn stall_in_span<F>(
+        &self,
+        runtime: &Runtime,
+        span: impl FnOnce() -> tracing::Span,
+        culprit: F,
+        timeout: Duration,
+    ) -> StallReport
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let watchdog = self.looplag.start(runtime.handle()).expect("start");
+        run_in_span(runtime, span, culprit);
+        let ended = self.wait_ended(1, timeout);
+        drop(watchdog);
+        ended[0].clone()
     }
 
     /// The latest exported metrics (flushes first).
@@ -218,6 +254,19 @@ pub fn span_duration(span: &SpanData) -> Duration {
 
 pub fn span_id(span: &SpanData) -> SpanId {
     span.span_context.span_id()
+}
+
+/// Runs `task` on `runtime`, as a task inside the span that `span` makes (both made inside
+/// `block_on`, where an application makes them), until it completes.
+pub fn run_in_span<F>(runtime: &Runtime, span: impl FnOnce() -> tracing::Span, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    runtime.block_on(async {
+        tokio::spawn(task.instrument(span()))
+            .await
+            .expect("the task completes");
+    });
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.

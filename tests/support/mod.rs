@@ -11,6 +11,60 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use looplag::{LoopLag, StallReport};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::TracerProvider as _;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+use telemetry::{OtlpTarget, Settings, Telemetry};
+
+/// Settings of the demo's pipeline for the tests' collector at `target`: service `service`,
+/// metrics pushed every `metric_interval`, finished spans sent every 200 ms, the exporter's
+/// default timeout.
+pub fn otlp_settings(service: &str, target: OtlpTarget, metric_interval: Duration) -> Settings {
+    Settings {
+        service_name: Some(service.to_string()),
+        otlp: Some(target),
+        metric_interval,
+        span_delay: Duration::from_millis(200),
+        ..Settings::default()
+    }
+}
+
+/// Builds the demo's OTLP pipeline from `settings` and a looplag instance that exports
+/// through it (scope `looplag`) and hands every report to `on_stall`, and installs the global
+/// subscriber: looplag's layer first (see "Layer order" in `LoopLagLayer`'s docs), then
+/// tracing-opentelemetry's (tracer `e2e`), then the test's log output, filtered by `log`.
+pub fn otlp_pipeline(
+    settings: &Settings,
+    log: Targets,
+    on_stall: impl Fn(&StallReport) + Send + Sync + 'static,
+) -> (Telemetry, LoopLag) {
+    let telemetry = Telemetry::new(settings, None).expect("build the OTLP pipeline");
+    let looplag = LoopLag::builder()
+        .meter(telemetry.meter_provider.meter("looplag"))
+        .tracer(telemetry.tracer_provider.tracer("looplag"))
+        .on_stall(on_stall)
+        .build()
+        .expect("valid looplag settings");
+    tracing_subscriber::registry()
+        .with(looplag.layer())
+        .with(telemetry::otel_layer(
+            telemetry.tracer_provider.tracer("e2e"),
+        ))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(log),
+        )
+        .try_init()
+        .expect("one global subscriber per test process: run the tests with cargo nextest");
+    (telemetry, looplag)
+}
+
 /// An axum server running the demo's router on `runtime`, driven by a thread of its own (a
 /// current-thread runtime only runs while a thread is inside its `block_on`).
 pub struct Server {
