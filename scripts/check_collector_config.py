@@ -6,8 +6,8 @@ the telemetry names the looplag crate emits.
 
 Single source of the crate's names: the string literals matching "tokio\\.[a-z._]+" in
 src/telemetry.rs (e.g. `pub(crate) const DELAY: &str = "tokio.eventloop.delay";`). When that
-file does not exist yet, an embedded copy of the DESIGN.md contract is used and a warning is
-printed. Where telemetry.rs also shows how an instrument is built
+file does not exist yet, an embedded copy of the crate's names (FALLBACK_NAMES) is used and a
+warning is printed. Where telemetry.rs also shows how an instrument is built
 (`.f64_histogram(DELAY) ... .with_unit("s")`), its kind and unit are checked too: they decide
 the Prometheus name.
 
@@ -52,9 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COLLECTOR = ROOT / "collector"
 
 # --------------------------------------------------------------------------------------
-# The telemetry contract (DESIGN.md). The names themselves come from src/telemetry.rs when
-# it exists; this table only says what each metric is (kind, unit, attributes), which the
-# translation needs. FALLBACK_NAMES is used only while src/telemetry.rs does not exist.
+# The telemetry contract (README.md's table). The names themselves come from src/telemetry.rs
+# when it exists; this table only says what each metric is (kind, unit, attributes), which
+# the translation needs. FALLBACK_NAMES is used only while src/telemetry.rs does not exist.
 # --------------------------------------------------------------------------------------
 METRICS = {
     # name: (kind, unit, attributes carried by its data points)
@@ -65,8 +65,8 @@ METRICS = {
 STALL_SPAN = "tokio.eventloop.stall"          # span name and victim event name
 STALL_KIND_ATTR = "tokio.eventloop.stall.kind"
 STALL_KIND_VALUES = ("cpu", "blocked", "mixed")
-# Names DESIGN.md announces for a later step ("once the stall diagnosis exists, ... also carry
-# tokio.eventloop.stall.kind"): collector/ already uses them (a panel that stays empty, a label
+# Names that came with a later step (the stall diagnosis adds tokio.eventloop.stall.kind to the
+# stall metrics): collector/ already uses them (a panel that stays empty, a label
 # that is absent); while the crate does not define them yet, that is a warning, not an error.
 PLANNED_NAMES = ("tokio.eventloop.stall.kind",)
 DEFAULT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -227,10 +227,10 @@ class Checker:
             names = set(FALLBACK_NAMES)
             self.names_source = "embedded fallback list"
             self.warn(f"{self.rel(self.telemetry)} does not exist (yet): using the embedded copy of the "
-                      f"DESIGN.md names; the check is only as current as this script")
+                      f"crate's names; the check is only as current as this script")
         for planned in PLANNED_NAMES:
             if planned not in names:
-                self.warn(f"{planned} is not defined in {self.names_source} yet (DESIGN.md: added with the stall "
+                self.warn(f"{planned} is not defined in {self.names_source} yet (added with the stall "
                           f"diagnosis); collector/ uses it as label {translate_label(planned)}, which stays absent until then")
                 names.add(planned)
         self.names = names
