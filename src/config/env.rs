@@ -7,67 +7,18 @@
 //! production is worse than a clear error at startup. No whitespace, sign, decimal point or
 //! missing unit is accepted. An empty variable counts as unset (`LOOPLAG_X= program`).
 
-use std::ffi::OsString;
 use std::time::Duration;
-
-/// Environment variable of [`Builder::runtime_name`](crate::Builder::runtime_name).
-pub(crate) const RUNTIME_NAME: &str = "LOOPLAG_RUNTIME_NAME";
-/// Environment variable of [`Builder::sample_interval`](crate::Builder::sample_interval).
-pub(crate) const SAMPLE_INTERVAL: &str = "LOOPLAG_SAMPLE_INTERVAL";
-/// Environment variable of [`Builder::stall_threshold`](crate::Builder::stall_threshold).
-pub(crate) const STALL_THRESHOLD: &str = "LOOPLAG_STALL_THRESHOLD";
-/// Environment variable of [`Builder::max_victims`](crate::Builder::max_victims).
-pub(crate) const MAX_VICTIMS: &str = "LOOPLAG_MAX_VICTIMS";
-/// Environment variable of
-/// [`Builder::max_stall_logs_per_second`](crate::Builder::max_stall_logs_per_second).
-pub(crate) const MAX_STALL_LOGS_PER_SECOND: &str = "LOOPLAG_MAX_STALL_LOGS_PER_SECOND";
 
 /// The form a duration variable must have.
 pub(crate) const DURATION_FORM: &str =
     "a whole number followed by a unit, us, ms or s, with no space (e.g. 250us, 50ms, 1s)";
 /// The form a count variable must have.
 pub(crate) const COUNT_FORM: &str = "a whole number written with digits only (e.g. 1000)";
-/// Variable for [`Builder::capture_stacks`](crate::Builder::capture_stacks).
-pub(crate) const CAPTURE_STACKS: &str = "LOOPLAG_CAPTURE_STACKS";
-/// Variable for [`Builder::stack_signal`](crate::Builder::stack_signal).
-pub(crate) const STACK_SIGNAL: &str = "LOOPLAG_STACK_SIGNAL";
-/// Variable for [`Builder::max_stacks_per_minute`](crate::Builder::max_stacks_per_minute).
-pub(crate) const MAX_STACKS_PER_MINUTE: &str = "LOOPLAG_MAX_STACKS_PER_MINUTE";
 /// The form a boolean variable must have.
 pub(crate) const BOOL_FORM: &str = "`true` or `false`";
 
 /// The form a text variable must have.
 pub(crate) const TEXT_FORM: &str = "valid UTF-8 text";
-
-/// The raw values of the variables that were set (and not empty) when `from_env` ran.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct EnvValues {
-    pub(crate) runtime_name: Option<OsString>,
-    pub(crate) sample_interval: Option<OsString>,
-    pub(crate) stall_threshold: Option<OsString>,
-    pub(crate) max_victims: Option<OsString>,
-    pub(crate) max_stall_logs_per_second: Option<OsString>,
-    pub(crate) capture_stacks: Option<OsString>,
-    pub(crate) stack_signal: Option<OsString>,
-    pub(crate) max_stacks_per_minute: Option<OsString>,
-}
-
-impl EnvValues {
-    /// Reads every variable from the process environment. Never fails.
-    pub(crate) fn read() -> Self {
-        let get = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty());
-        EnvValues {
-            runtime_name: get(RUNTIME_NAME),
-            sample_interval: get(SAMPLE_INTERVAL),
-            stall_threshold: get(STALL_THRESHOLD),
-            max_victims: get(MAX_VICTIMS),
-            max_stall_logs_per_second: get(MAX_STALL_LOGS_PER_SECOND),
-            capture_stacks: get(CAPTURE_STACKS),
-            stack_signal: get(STACK_SIGNAL),
-            max_stacks_per_minute: get(MAX_STACKS_PER_MINUTE),
-        }
-    }
-}
 
 /// Parses `<digits><unit>` with unit `us`, `ms` or `s`, e.g. `250us`, `50ms`, `1s`.
 pub(crate) fn parse_duration(text: &str) -> Option<Duration> {

@@ -13,7 +13,9 @@ pub(crate) mod env;
 use crate::error::Error;
 use crate::report::StallReport;
 pub(crate) use crate::stack::StackSupport;
-use env::EnvValues;
+mod settings;
+
+use settings::{Id, Value, Values, SETTINGS, SIGNAL_ACCEPTED};
 
 /// Default [`Builder::runtime_name`]: `"main"`.
 pub const DEFAULT_RUNTIME_NAME: &str = "main";
@@ -31,14 +33,6 @@ pub const DEFAULT_STACK_SIGNAL: i32 = crate::stack::DEFAULT_STACK_SIGNAL;
 pub const DEFAULT_MAX_STACKS_PER_MINUTE: u32 = 30;
 /// Default [`Builder::max_stall_logs_per_second`]: 10 stall log lines per second.
 pub const DEFAULT_MAX_STALL_LOGS_PER_SECOND: u32 = 10;
-
-const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
-const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-const MAX_STALL_THRESHOLD: Duration = Duration::from_secs(3600);
-const MAX_RUNTIME_NAME_LEN: usize = 128;
-const MAX_VICTIMS_LIMIT: usize = 100_000;
-const MAX_STALL_LOGS_LIMIT: u64 = 100_000;
-const MAX_STACKS_PER_MINUTE_LIMIT: u64 = 6000;
 
 pub(crate) use crate::report::log::StallCallback;
 
@@ -68,25 +62,14 @@ pub(crate) use crate::report::log::StallCallback;
 #[must_use = "a builder does nothing until `build` is called"]
 #[derive(Default)]
 pub struct Builder {
-    explicit: Explicit,
-    env: EnvValues,
+    /// Values set by builder methods, kept apart from the environment's so that an explicit
+    /// call wins over `from_env` whichever comes first.
+    explicit: Values<Value>,
+    /// The variables `from_env` read (raw: parsed by `build`).
+    env: Values<OsString>,
     pub(crate) meter: Option<Meter>,
     pub(crate) tracer: Option<BoxedTracer>,
     pub(crate) on_stall: Option<StallCallback>,
-}
-
-/// The values set by builder methods, kept apart from the environment's so that an explicit
-/// call wins over `from_env` whichever comes first.
-#[derive(Clone, Debug, Default)]
-struct Explicit {
-    runtime_name: Option<String>,
-    sample_interval: Option<Duration>,
-    stall_threshold: Option<Duration>,
-    max_victims: Option<usize>,
-    max_stall_logs_per_second: Option<u32>,
-    capture_stacks: Option<bool>,
-    stack_signal: Option<i32>,
-    max_stacks_per_minute: Option<u32>,
 }
 
 impl fmt::Debug for Builder {
@@ -117,16 +100,16 @@ pub(crate) struct Config {
 
 /// A setting's value with what an error about it must say: the setting's name (builder
 /// method or environment variable) and, for a value from the environment, the text given.
-struct Resolved<T> {
-    value: T,
+struct Resolved {
+    value: Value,
     setting: &'static str,
     text: Option<String>,
 }
 
-impl<T> Resolved<T> {
+impl Resolved {
     /// An `InvalidSetting` for this value: the environment text when it came from there,
     /// else `shown`.
-    fn invalid(&self, shown: impl FnOnce(&T) -> String, accepted: &'static str) -> Error {
+    fn invalid(&self, shown: impl FnOnce(&Value) -> String, accepted: &'static str) -> Error {
         Error::InvalidSetting {
             setting: self.setting,
             value: match &self.text {
@@ -138,48 +121,6 @@ impl<T> Resolved<T> {
     }
 }
 
-/// The explicit value if set, else the environment's (parsed), else the default.
-fn resolve<T>(
-    explicit: Option<T>,
-    method: &'static str,
-    env_value: Option<&OsString>,
-    variable: &'static str,
-    parse: impl FnOnce(&str) -> Option<T>,
-    form: &'static str,
-    default: T,
-) -> Result<Resolved<T>, Error> {
-    if let Some(value) = explicit {
-        return Ok(Resolved {
-            value,
-            setting: method,
-            text: None,
-        });
-    }
-    let Some(raw) = env_value else {
-        return Ok(Resolved {
-            value: default,
-            setting: method,
-            text: None,
-        });
-    };
-    let bad = |text: String| Error::InvalidSetting {
-        setting: variable,
-        value: format!("{text:?}"),
-        accepted: form,
-    };
-    let Some(text) = raw.to_str() else {
-        return Err(bad(raw.to_string_lossy().into_owned()));
-    };
-    match parse(text) {
-        Some(value) => Ok(Resolved {
-            value,
-            setting: variable,
-            text: Some(text.to_string()),
-        }),
-        None => Err(bad(text.to_string())),
-    }
-}
-
 impl Builder {
     /// Sets the value of the `tokio.runtime.name` attribute on every metric and span, so
     /// several runtimes in one process can be told apart.
@@ -187,13 +128,7 @@ impl Builder {
     /// Accepted: 1 to 128 characters, no control characters. Environment:
     /// `LOOPLAG_RUNTIME_NAME`. By default, `"main"`.
     pub fn runtime_name(self, name: impl Into<String>) -> Self {
-        Builder {
-            explicit: Explicit {
-                runtime_name: Some(name.into()),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::RuntimeName, Value::Text(name.into()))
     }
 
     /// Sets how often the watchdog wakes up to scan the workers and inject a delay probe.
@@ -205,13 +140,7 @@ impl Builder {
     /// intervals it stands for. Accepted: 1 ms to 1 s. Environment:
     /// `LOOPLAG_SAMPLE_INTERVAL` (e.g. `10ms`). By default, 10 ms.
     pub fn sample_interval(self, interval: Duration) -> Self {
-        Builder {
-            explicit: Explicit {
-                sample_interval: Some(interval),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::SampleInterval, Value::Duration(interval))
     }
 
     /// Sets how long one poll must run before it counts as a stall.
@@ -219,13 +148,7 @@ impl Builder {
     /// Accepted: from the sample interval up to one hour. Environment:
     /// `LOOPLAG_STALL_THRESHOLD` (e.g. `50ms`). By default, 50 ms.
     pub fn stall_threshold(self, threshold: Duration) -> Self {
-        Builder {
-            explicit: Explicit {
-                stall_threshold: Some(threshold),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::StallThreshold, Value::Duration(threshold))
     }
 
     /// Sets how many waiting request spans get the victim event per stall; the rest are
@@ -237,13 +160,10 @@ impl Builder {
     /// metrics are unchanged. Accepted: 0 to 100 000. Environment: `LOOPLAG_MAX_VICTIMS`. By
     /// default, 1000.
     pub fn max_victims(self, max: usize) -> Self {
-        Builder {
-            explicit: Explicit {
-                max_victims: Some(max),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(
+            Id::MaxVictims,
+            Value::Count(u64::try_from(max).unwrap_or(u64::MAX)),
+        )
     }
 
     /// Sets how many stall log lines (the WARN events "stall in progress" and "stall
@@ -257,13 +177,7 @@ impl Builder {
     /// lines. Accepted: 0 to 100 000. Environment: `LOOPLAG_MAX_STALL_LOGS_PER_SECOND`. By
     /// default, 10.
     pub fn max_stall_logs_per_second(self, max: u32) -> Self {
-        Builder {
-            explicit: Explicit {
-                max_stall_logs_per_second: Some(max),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::MaxStallLogsPerSecond, Value::Count(u64::from(max)))
     }
 
     /// Sets whether the watchdog records the blocked thread's stack when it detects a stall.
@@ -278,13 +192,7 @@ impl Builder {
     /// outside any span from one that nobody drives (see the README's "What is exact and what
     /// is estimated"): with `false`, such stalls are not reported, only their delay.
     pub fn capture_stacks(self, capture: bool) -> Self {
-        Builder {
-            explicit: Explicit {
-                capture_stacks: Some(capture),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::CaptureStacks, Value::Bool(capture))
     }
 
     /// Sets the signal sent to a stalled thread to record its stack.
@@ -294,13 +202,7 @@ impl Builder {
     /// signal (`SIGRTMIN..=SIGRTMAX`). Environment: `LOOPLAG_STACK_SIGNAL`. By default, 42
     /// ([`DEFAULT_STACK_SIGNAL`]).
     pub fn stack_signal(self, signal: i32) -> Self {
-        Builder {
-            explicit: Explicit {
-                stack_signal: Some(signal),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::StackSignal, Value::Signal(signal))
     }
 
     /// Sets how many stacks the watchdog may capture per minute (a token bucket that refills
@@ -310,13 +212,7 @@ impl Builder {
     /// `0` captures no stacks. Accepted: 0 to 6000. Environment:
     /// `LOOPLAG_MAX_STACKS_PER_MINUTE`. By default, 30.
     pub fn max_stacks_per_minute(self, max: u32) -> Self {
-        Builder {
-            explicit: Explicit {
-                max_stacks_per_minute: Some(max),
-                ..self.explicit
-            },
-            ..self
-        }
+        self.with(Id::MaxStacksPerMinute, Value::Count(u64::from(max)))
     }
 
     /// Reads settings from the environment; values set by builder methods still win,
@@ -354,7 +250,7 @@ impl Builder {
     /// ```
     pub fn from_env(self) -> Self {
         Builder {
-            env: EnvValues::read(),
+            env: settings::read_env(),
             ..self
         }
     }
@@ -409,148 +305,128 @@ impl Builder {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<Config, Error> {
-        let (explicit, env) = (&self.explicit, &self.env);
-        let name = resolve(
-            explicit.runtime_name.clone(),
-            "runtime_name",
-            env.runtime_name.as_ref(),
-            env::RUNTIME_NAME,
-            |text| Some(text.to_string()),
-            env::TEXT_FORM,
-            DEFAULT_RUNTIME_NAME.to_string(),
-        )?;
-        if name.value.is_empty()
-            || name.value.chars().count() > MAX_RUNTIME_NAME_LEN
-            || name.value.chars().any(char::is_control)
-        {
-            return Err(Error::InvalidSetting {
-                setting: name.setting,
-                value: format!("{:?}", name.value),
-                accepted: "1 to 128 characters, no control characters",
+    /// Stores an explicit value.
+    fn with(mut self, id: Id, value: Value) -> Self {
+        self.explicit.set(id, value);
+        self
+    }
+
+    /// The explicit value of `id` if set, else the environment's (parsed), else the default.
+    fn resolve(&self, id: Id) -> Result<Resolved, Error> {
+        let setting = id.setting();
+        if let Some(value) = self.explicit.get(id) {
+            return Ok(Resolved {
+                value: value.clone(),
+                setting: setting.method,
+                text: None,
             });
         }
-
-        let interval = resolve(
-            explicit.sample_interval,
-            "sample_interval",
-            env.sample_interval.as_ref(),
-            env::SAMPLE_INTERVAL,
-            env::parse_duration,
-            env::DURATION_FORM,
-            DEFAULT_SAMPLE_INTERVAL,
-        )?;
-        if !(MIN_SAMPLE_INTERVAL..=MAX_SAMPLE_INTERVAL).contains(&interval.value) {
-            return Err(interval.invalid(|d| format!("{d:?}"), "a duration from 1ms to 1s"));
+        let Some(raw) = self.env.get(id) else {
+            let default = setting.kind.parse(setting.default);
+            // The defaults parse (a unit test checks every row); never panic if one did not.
+            let value = default.ok_or(Error::InvalidSetting {
+                setting: setting.method,
+                value: format!("{:?}", setting.default),
+                accepted: setting.kind.form(),
+            })?;
+            return Ok(Resolved {
+                value,
+                setting: setting.method,
+                text: None,
+            });
+        };
+        let bad = |text: String| Error::InvalidSetting {
+            setting: setting.variable,
+            value: format!("{text:?}"),
+            accepted: setting.kind.form(),
+        };
+        let Some(text) = raw.to_str() else {
+            return Err(bad(raw.to_string_lossy().into_owned()));
+        };
+        match setting.kind.parse(text) {
+            Some(value) => Ok(Resolved {
+                value,
+                setting: setting.variable,
+                text: Some(text.to_string()),
+            }),
+            None => Err(bad(text.to_string())),
         }
+    }
 
-        let threshold = resolve(
-            explicit.stall_threshold,
-            "stall_threshold",
-            env.stall_threshold.as_ref(),
-            env::STALL_THRESHOLD,
-            env::parse_duration,
-            env::DURATION_FORM,
-            DEFAULT_STALL_THRESHOLD,
-        )?;
-        if threshold.value < interval.value || threshold.value > MAX_STALL_THRESHOLD {
-            return Err(threshold.invalid(
-                |d| format!("{d:?}"),
-                "a duration from the sample interval up to 1h",
-            ));
-        }
-
-        let max_victims = resolve(
-            explicit.max_victims,
-            "max_victims",
-            env.max_victims.as_ref(),
-            env::MAX_VICTIMS,
-            |text| env::parse_count(text).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-            env::COUNT_FORM,
-            DEFAULT_MAX_VICTIMS,
-        )?;
-        if max_victims.value > MAX_VICTIMS_LIMIT {
-            return Err(max_victims.invalid(|n| n.to_string(), "a count from 0 to 100000"));
-        }
-
-        let max_logs = resolve(
-            explicit.max_stall_logs_per_second.map(u64::from),
-            "max_stall_logs_per_second",
-            env.max_stall_logs_per_second.as_ref(),
-            env::MAX_STALL_LOGS_PER_SECOND,
-            env::parse_count,
-            env::COUNT_FORM,
-            u64::from(DEFAULT_MAX_STALL_LOGS_PER_SECOND),
-        )?;
-        let max_stall_logs_per_second = match u32::try_from(max_logs.value) {
-            Ok(max) if max_logs.value <= MAX_STALL_LOGS_LIMIT => max,
-            _ => {
-                return Err(max_logs.invalid(|n| n.to_string(), "a count from 0 to 100000"));
+    /// Resolves every setting in table order and checks its range; then installs the stack
+    /// handler.
+    pub(crate) fn validate(&self) -> Result<Config, Error> {
+        let mut resolved: Values<Resolved> = Values::default();
+        for (index, setting) in SETTINGS.iter().enumerate() {
+            let id = settings::ID_ORDER[index];
+            let value = self.resolve(id)?;
+            let earlier = |other: Id| match resolved.get(other).map(|r| &r.value) {
+                Some(Value::Duration(d)) => Some(*d),
+                _ => None,
+            };
+            if !value.value.in_range(setting.range, &earlier) {
+                return Err(value.invalid(Value::shown, setting.accepted));
             }
+            resolved.set(id, value);
+        }
+        let value = |id: Id| resolved.get(id).map(|r| &r.value);
+        let text = |id: Id| match value(id) {
+            Some(Value::Text(text)) => text.clone(),
+            _ => String::new(),
         };
-
-        let max_stacks = resolve(
-            explicit.max_stacks_per_minute.map(u64::from),
-            "max_stacks_per_minute",
-            env.max_stacks_per_minute.as_ref(),
-            env::MAX_STACKS_PER_MINUTE,
-            env::parse_count,
-            env::COUNT_FORM,
-            u64::from(DEFAULT_MAX_STACKS_PER_MINUTE),
-        )?;
-        let max_stacks_per_minute = match u32::try_from(max_stacks.value) {
-            Ok(max) if max_stacks.value <= MAX_STACKS_PER_MINUTE_LIMIT => max,
-            _ => return Err(max_stacks.invalid(|n| n.to_string(), "a count from 0 to 6000")),
+        let duration = |id: Id| match value(id) {
+            Some(Value::Duration(d)) => *d,
+            _ => Duration::ZERO,
         };
-        let capture = resolve(
-            explicit.capture_stacks,
-            "capture_stacks",
-            env.capture_stacks.as_ref(),
-            env::CAPTURE_STACKS,
-            env::parse_bool,
-            env::BOOL_FORM,
-            true,
-        )?;
-        let signal = resolve(
-            explicit.stack_signal,
-            "stack_signal",
-            env.stack_signal.as_ref(),
-            env::STACK_SIGNAL,
-            |text| env::parse_count(text).and_then(|n| i32::try_from(n).ok()),
-            env::COUNT_FORM,
-            DEFAULT_STACK_SIGNAL,
-        )?;
-        let stacks = if !capture.value || max_stacks_per_minute == 0 {
-            StackSupport::Disabled
-        } else {
-            install_stack_handler(&signal)?
+        let count = |id: Id| match value(id) {
+            Some(Value::Count(n)) => *n,
+            _ => 0,
         };
-
+        // The ranges checked above keep every count within its type.
+        let saturate = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let max_stacks_per_minute = saturate(count(Id::MaxStacksPerMinute));
+        let capture = matches!(value(Id::CaptureStacks), Some(Value::Bool(true)));
+        let (stacks, stack_signal) = match resolved.get(Id::StackSignal) {
+            Some(
+                signal @ Resolved {
+                    value: Value::Signal(number),
+                    ..
+                },
+            ) => {
+                let stacks = if !capture || max_stacks_per_minute == 0 {
+                    StackSupport::Disabled
+                } else {
+                    install_stack_handler(signal, *number)?
+                };
+                (stacks, *number)
+            }
+            _ => (StackSupport::Disabled, DEFAULT_STACK_SIGNAL),
+        };
         Ok(Config {
-            runtime_name: name.value,
-            sample_interval: interval.value,
-            stall_threshold: threshold.value,
-            max_victims: max_victims.value,
-            max_stall_logs_per_second,
+            runtime_name: text(Id::RuntimeName),
+            sample_interval: duration(Id::SampleInterval),
+            stall_threshold: duration(Id::StallThreshold),
+            max_victims: usize::try_from(count(Id::MaxVictims)).unwrap_or(usize::MAX),
+            max_stall_logs_per_second: saturate(count(Id::MaxStallLogsPerSecond)),
             stacks,
-            stack_signal: signal.value,
+            stack_signal,
             max_stacks_per_minute,
         })
     }
 }
 
 /// Installs the stack-capture signal handler for `signal` (once per signal per process).
-fn install_stack_handler(signal: &Resolved<i32>) -> Result<StackSupport, Error> {
+fn install_stack_handler(resolved: &Resolved, signal: i32) -> Result<StackSupport, Error> {
     use crate::stack::StackError;
-    const ACCEPTED: &str =
-        "SIGUSR1, SIGUSR2 or a real-time signal (SIGRTMIN..=SIGRTMAX) with no other handler";
-    match crate::stack::install(signal.value) {
+    match crate::stack::install(signal) {
         Ok(()) => Ok(StackSupport::Enabled),
         Err(StackError::Unsupported) => Ok(StackSupport::Unsupported),
-        Err(StackError::InvalidSignal { .. }) => Err(signal.invalid(|n| n.to_string(), ACCEPTED)),
-        Err(StackError::SignalInUse { .. }) => Err(signal.invalid(
-            |n| format!("{n} (another handler is installed for it)"),
-            ACCEPTED,
+        Err(StackError::InvalidSignal { .. }) => {
+            Err(resolved.invalid(Value::shown, SIGNAL_ACCEPTED))
+        }
+        Err(StackError::SignalInUse { .. }) => Err(resolved.invalid(
+            |n| format!("{} (another handler is installed for it)", n.shown()),
+            SIGNAL_ACCEPTED,
         )),
         Err(StackError::Os(err)) => Err(Error::StackHandler(err)),
         Err(other) => Err(Error::StackHandler(std::io::Error::other(
