@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README.md): installs what the tests need, then runs every check and
+# The one test command (CONTRIBUTING.md): installs what the tests need, then runs every check and
 # every test in both build configurations (stable and --cfg tokio_unstable).
 set -euo pipefail
 cd "$(dirname "$0")/.."

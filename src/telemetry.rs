@@ -1,7 +1,8 @@
 //! Every name looplag puts on the wire, and the OpenTelemetry instruments that carry them.
 //!
-//! Dashboards, alert rules and tests depend on these names (see DESIGN.md, "Telemetry
-//! contract"); change one only together with all of its users.
+//! Dashboards, alert rules and tests depend on these names (README's "What you get" and
+//! `collector/`, whose Prometheus series `collector/series.txt` lists and this module's test
+//! derives); change one only together with all of its users.
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
@@ -73,7 +74,7 @@ pub(crate) const VICTIMS: &str = "tokio.eventloop.stall.victims";
 /// Stall span attribute: how many victim spans were not marked because of the bound.
 pub(crate) const VICTIMS_DROPPED: &str = "tokio.eventloop.stall.victims_dropped";
 
-/// Default explicit bucket boundaries (s) of both histograms, from DESIGN.md.
+/// Default explicit bucket boundaries (s) of both histograms (the product's telemetry contract).
 pub(crate) const DEFAULT_BOUNDARIES: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,

@@ -119,6 +119,10 @@ pub(crate) fn inside_entered_span() -> bool {
 }
 
 /// One runtime worker thread's state.
+///
+/// Many fields, on purpose: the owner's hot-path atomics and the identity the watchdog reads
+/// (thread, worker, CPU clock, signal target) sit in one allocation reached through one
+/// thread-local pointer; splitting them would add a pointer chase to every enter and exit.
 pub(crate) struct Slot {
     word: AtomicU64,
     end: AtomicU64,

@@ -37,7 +37,8 @@ pub(super) enum Source {
     },
 }
 
-/// A stall in progress.
+/// A stall in progress: everything its later reports, its end and its span need, gathered
+/// at detection (the thirteen fields are what a `StallReport` and the span carry).
 pub(super) struct Active {
     /// Watchdog-local id, to match the symbolized stack.
     id: u64,

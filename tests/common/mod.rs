@@ -2,7 +2,7 @@
 //! tracing-opentelemetry and looplag's layer, and helpers to read what was exported.
 //!
 //! Each test installs the global subscriber, so tests must run one per process:
-//! `cargo nextest run` does that (the README's test command uses it).
+//! `cargo nextest run` does that (CONTRIBUTING.md's test command uses it).
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
