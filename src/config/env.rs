@@ -33,6 +33,10 @@ pub(crate) const CAPTURE_STACKS: &str = "LOOPLAG_CAPTURE_STACKS";
 pub(crate) const STACK_SIGNAL: &str = "LOOPLAG_STACK_SIGNAL";
 /// Variable for [`Builder::max_stacks_per_minute`](crate::Builder::max_stacks_per_minute).
 pub(crate) const MAX_STACKS_PER_MINUTE: &str = "LOOPLAG_MAX_STACKS_PER_MINUTE";
+/// Variable for [`Builder::span_level`](crate::Builder::span_level).
+pub(crate) const SPAN_LEVEL: &str = "LOOPLAG_SPAN_LEVEL";
+/// The form a level variable must have.
+pub(crate) const LEVEL_FORM: &str = "`trace`, `debug`, `info`, `warn` or `error`";
 /// The form a boolean variable must have.
 pub(crate) const BOOL_FORM: &str = "`true` or `false`";
 
@@ -50,6 +54,7 @@ pub(crate) struct EnvValues {
     pub(crate) capture_stacks: Option<OsString>,
     pub(crate) stack_signal: Option<OsString>,
     pub(crate) max_stacks_per_minute: Option<OsString>,
+    pub(crate) span_level: Option<OsString>,
 }
 
 impl EnvValues {
@@ -65,6 +70,7 @@ impl EnvValues {
             capture_stacks: get(CAPTURE_STACKS),
             stack_signal: get(STACK_SIGNAL),
             max_stacks_per_minute: get(MAX_STACKS_PER_MINUTE),
+            span_level: get(SPAN_LEVEL),
         }
     }
 }
@@ -89,6 +95,18 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     match text {
         "true" => Some(true),
         "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a level name in lower case: `trace`, `debug`, `info`, `warn` or `error`.
+pub(crate) fn parse_level(text: &str) -> Option<tracing::Level> {
+    match text {
+        "trace" => Some(tracing::Level::TRACE),
+        "debug" => Some(tracing::Level::DEBUG),
+        "info" => Some(tracing::Level::INFO),
+        "warn" => Some(tracing::Level::WARN),
+        "error" => Some(tracing::Level::ERROR),
         _ => None,
     }
 }
@@ -146,6 +164,18 @@ mod tests {
             "5e3us",
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn levels_are_lower_case_names() {
+        assert_eq!(parse_level("trace"), Some(tracing::Level::TRACE));
+        assert_eq!(parse_level("debug"), Some(tracing::Level::DEBUG));
+        assert_eq!(parse_level("info"), Some(tracing::Level::INFO));
+        assert_eq!(parse_level("warn"), Some(tracing::Level::WARN));
+        assert_eq!(parse_level("error"), Some(tracing::Level::ERROR));
+        for bad in ["", "INFO", "Info", " info", "info ", "warning", "off", "3"] {
+            assert_eq!(parse_level(bad), None, "{bad:?}");
         }
     }
 

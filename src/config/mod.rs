@@ -31,6 +31,9 @@ pub const DEFAULT_STACK_SIGNAL: i32 = crate::stack::DEFAULT_STACK_SIGNAL;
 pub const DEFAULT_MAX_STACKS_PER_MINUTE: u32 = 30;
 /// Default [`Builder::max_stall_logs_per_second`]: 10 stall log lines per second.
 pub const DEFAULT_MAX_STALL_LOGS_PER_SECOND: u32 = 10;
+/// Default [`Builder::span_level`]: `DEBUG`, the level of tower-http's `TraceLayer` request
+/// spans.
+pub const DEFAULT_SPAN_LEVEL: tracing::Level = tracing::Level::DEBUG;
 
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -87,6 +90,7 @@ struct Explicit {
     capture_stacks: Option<bool>,
     stack_signal: Option<i32>,
     max_stacks_per_minute: Option<u32>,
+    span_level: Option<tracing::Level>,
 }
 
 impl fmt::Debug for Builder {
@@ -113,6 +117,7 @@ pub(crate) struct Config {
     pub(crate) stacks: StackSupport,
     pub(crate) stack_signal: i32,
     pub(crate) max_stacks_per_minute: u32,
+    pub(crate) span_level: tracing::Level,
 }
 
 /// A setting's value with what an error about it must say: the setting's name (builder
@@ -319,6 +324,38 @@ impl Builder {
         }
     }
 
+    /// Sets the least severe level of the spans looplag's layer asks for: spans at this
+    /// level or above (`DEBUG` takes `DEBUG`, `INFO`, `WARN` and `ERROR` spans).
+    ///
+    /// looplag needs every span that can be a request (the culprit's root, and the victims)
+    /// or the innermost span of a poll (the culprit): a stall inside a span below this level
+    /// is reported under the nearest enclosing span at or above it, or under none. The
+    /// layer asks for no events at all, whatever this level (see
+    /// [`LoopLag::layer`](crate::LoopLag::layer)).
+    ///
+    /// The trade: a span looplag asks for exists even when no other layer wanted it, and
+    /// creating it costs the registry. With tower-http's `TraceLayer` (DEBUG request spans)
+    /// under an INFO log filter, the default makes each request's span exist; a span that
+    /// no layer wanted costs a few nanoseconds, one that exists about 110 ns to create and
+    /// close plus about 20 ns per enter+exit with looplag (BENCHMARKS.md, section 1). In
+    /// mini-redis (`#[instrument]` spans per connection and command) whose only other layer
+    /// logged at WARN, making those spans exist cost +5 % CPU per 100 000 requests
+    /// (README, "A guest in someone else's service"). A higher level (`INFO`, `WARN`) saves
+    /// that cost and loses the culprit and victims below it. Environment:
+    /// `LOOPLAG_SPAN_LEVEL` (`trace`, `debug`, `info`, `warn` or `error`). By default,
+    /// `DEBUG` ([`DEFAULT_SPAN_LEVEL`]): tower-http's request spans are DEBUG, and
+    /// `TRACE` spans (per-poll spans of tokio's own instrumentation, of h2 and of hyper) are
+    /// too many to create when nothing else wants them.
+    pub fn span_level(self, level: tracing::Level) -> Self {
+        Builder {
+            explicit: Explicit {
+                span_level: Some(level),
+                ..self.explicit
+            },
+            ..self
+        }
+    }
+
     /// Reads settings from the environment; values set by builder methods still win,
     /// whether they are set before or after this call.
     ///
@@ -332,6 +369,7 @@ impl Builder {
     /// | `LOOPLAG_CAPTURE_STACKS` | [`capture_stacks`](Builder::capture_stacks) | `true` or `false` |
     /// | `LOOPLAG_STACK_SIGNAL` | [`stack_signal`](Builder::stack_signal) | count |
     /// | `LOOPLAG_MAX_STACKS_PER_MINUTE` | [`max_stacks_per_minute`](Builder::max_stacks_per_minute) | count |
+    /// | `LOOPLAG_SPAN_LEVEL` | [`span_level`](Builder::span_level) | `trace`, `debug`, `info`, `warn` or `error` |
     ///
     /// A duration is a whole number and a unit, `us`, `ms` or `s`, with no space: `250us`,
     /// `50ms`, `1s`. A count is digits only. An empty variable counts as unset. The
@@ -526,6 +564,16 @@ impl Builder {
             install_stack_handler(&signal)?
         };
 
+        let span_level = resolve(
+            explicit.span_level,
+            "span_level",
+            env.span_level.as_ref(),
+            env::SPAN_LEVEL,
+            env::parse_level,
+            env::LEVEL_FORM,
+            DEFAULT_SPAN_LEVEL,
+        )?;
+
         Ok(Config {
             runtime_name: name.value,
             sample_interval: interval.value,
@@ -535,6 +583,7 @@ impl Builder {
             stacks,
             stack_signal: signal.value,
             max_stacks_per_minute,
+            span_level: span_level.value,
         })
     }
 }
