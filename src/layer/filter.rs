@@ -12,7 +12,9 @@ use tracing_subscriber::layer::{Context, Filter};
 /// it (`tracing_subscriber`'s `Filtered`). A per-layer filter only decides what its own layer
 /// sees: in a subscriber whose other layers have per-layer filters too, a callsite is live
 /// when one of the filters wants it, so an event callsite never goes live because of looplag,
-/// and a span callsite only when it is at or above the level. (A layer's own
+/// and a span callsite only when it is at or above the level (see
+/// [`callsite_enabled`](SpanFilter::callsite_enabled) for why such a span callsite is
+/// "sometimes" rather than "always"). (A layer's own
 /// `register_callsite` or `enabled` would filter for every layer instead, and the default
 /// interest of an unfiltered layer, "always", switches every callsite on.)
 ///
@@ -61,11 +63,18 @@ impl<S> Filter<S> for SpanFilter {
         self.wants(metadata)
     }
 
-    /// `always` for spans at or above the level, `never` for everything else: decided once
-    /// per callsite.
+    /// `never` for events and for spans below the level: decided once per callsite.
+    ///
+    /// `sometimes`, not `always`, for spans at or above it, so that the subscriber asks every
+    /// per-layer filter again each time such a span is created. With `always`,
+    /// tracing-subscriber 0.3 skips that pass and reads the per-layer decisions left on the
+    /// thread by the last pass, which a `tracing::enabled!` (or `log_enabled!` through
+    /// `tracing-log`) for other metadata may have written: the span is then lost to
+    /// looplag, and to every other per-layer-filtered layer (tokio-rs/tracing#2519, fix
+    /// proposed in tokio-rs/tracing#3572). The price is one filter pass per span created.
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
         if self.wants(metadata) {
-            Interest::always()
+            Interest::sometimes()
         } else {
             Interest::never()
         }
@@ -121,15 +130,15 @@ mod tests {
         }
         use tracing::metadata::Kind;
         let filter = SpanFilter::new(Level::DEBUG);
-        assert!(interest_in(filter, metadata!(Level::ERROR, Kind::SPAN)).is_always());
-        assert!(interest_in(filter, metadata!(Level::INFO, Kind::SPAN)).is_always());
-        assert!(interest_in(filter, metadata!(Level::DEBUG, Kind::SPAN)).is_always());
+        assert!(interest_in(filter, metadata!(Level::ERROR, Kind::SPAN)).is_sometimes());
+        assert!(interest_in(filter, metadata!(Level::INFO, Kind::SPAN)).is_sometimes());
+        assert!(interest_in(filter, metadata!(Level::DEBUG, Kind::SPAN)).is_sometimes());
         assert!(interest_in(filter, metadata!(Level::TRACE, Kind::SPAN)).is_never());
         assert!(interest_in(filter, metadata!(Level::ERROR, Kind::EVENT)).is_never());
         assert!(interest_in(filter, metadata!(Level::DEBUG, Kind::EVENT)).is_never());
         assert!(interest_in(filter, metadata!(Level::ERROR, Kind::HINT)).is_never());
         let warn = SpanFilter::new(Level::WARN);
-        assert!(interest_in(warn, metadata!(Level::WARN, Kind::SPAN)).is_always());
+        assert!(interest_in(warn, metadata!(Level::WARN, Kind::SPAN)).is_sometimes());
         assert!(interest_in(warn, metadata!(Level::INFO, Kind::SPAN)).is_never());
     }
 }
