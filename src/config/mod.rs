@@ -334,18 +334,16 @@ impl Builder {
     /// [`LoopLag::layer`](crate::LoopLag::layer)).
     ///
     /// The trade: a span looplag asks for exists even when no other layer wanted it, and
-    /// creating it costs the registry. With tower-http's `TraceLayer` (DEBUG request spans)
-    /// under an INFO log filter, the default makes each request's span exist; a span that
-    /// no layer wanted costs a few nanoseconds, one that exists about 110 ns to create and
-    /// close plus about 20 ns per enter+exit with looplag (BENCHMARKS.md, section 1). In
-    /// mini-redis (`#[instrument]` spans per connection and command) whose only other layer
-    /// logged at WARN, making those spans exist cost +5 % CPU per 100 000 requests
-    /// (README, "A guest in someone else's service"). A higher level (`INFO`, `WARN`) saves
-    /// that cost and loses the culprit and victims below it. Environment:
-    /// `LOOPLAG_SPAN_LEVEL` (`trace`, `debug`, `info`, `warn` or `error`). By default,
-    /// `DEBUG` ([`DEFAULT_SPAN_LEVEL`]): tower-http's request spans are DEBUG, and
-    /// `TRACE` spans (per-poll spans of tokio's own instrumentation, of h2 and of hyper) are
-    /// too many to create when nothing else wants them.
+    /// the registry then creates, tracks and closes it. Measured on a loaded 2-vCPU VM
+    /// (release build, `info_span!` created, entered and closed, no other layer wanting
+    /// it): about 1 ns without looplag, 0.4 to 0.7 µs with it. In mini-redis
+    /// (`#[instrument]` spans per connection and per command) whose only other layer logged
+    /// at WARN, those spans cost +5 % CPU per 100 000 requests. A more severe level (`INFO`,
+    /// `WARN`) saves that cost for the spans below it and loses them as culprits and
+    /// victims. Environment: `LOOPLAG_SPAN_LEVEL` (`trace`, `debug`, `info`, `warn` or
+    /// `error`). By default, `DEBUG` ([`DEFAULT_SPAN_LEVEL`]): tower-http's `TraceLayer`
+    /// request spans are DEBUG, while `TRACE` spans (tokio's own task instrumentation, h2,
+    /// hyper internals) are too many to create when nothing else wants them.
     pub fn span_level(self, level: tracing::Level) -> Self {
         Builder {
             explicit: Explicit {
