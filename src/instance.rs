@@ -13,7 +13,10 @@ use crate::config::{Builder, Config, StallCallback};
 use crate::error::Error;
 use crate::hot::doze::Doze;
 use crate::hot::slots::Registry;
-use crate::layer::LoopLagLayer;
+use tracing_subscriber::filter::Filtered;
+use tracing_subscriber::Layer as _;
+
+use crate::layer::{LoopLagLayer, SpanFilter};
 use crate::telemetry::{self, Instruments};
 use crate::watchdog;
 use crate::watchdog::Inner;
@@ -133,14 +136,40 @@ impl LoopLag {
         self.inner.config.max_stacks_per_minute
     }
 
-    /// The `tracing` layer to add to the subscriber.
+    /// The validated [`span_level`](Builder::span_level).
+    pub fn span_level(&self) -> tracing::Level {
+        self.inner.config.span_level
+    }
+
+    /// The `tracing` layer to add to the subscriber: [`LoopLagLayer`] behind its per-layer
+    /// [`SpanFilter`].
     ///
     /// The layer finds the culprit span of a stall and the request spans that waited. All
     /// instances share its state, so one layer serves every runtime in the process. If
     /// this instance was built with [`max_victims(0)`](Builder::max_victims), the layer
     /// does not record request spans, so no instance gets victims through it.
-    pub fn layer(&self) -> LoopLagLayer {
+    ///
+    /// # Filtering
+    ///
+    /// looplag consumes no events, and the filter says so: adding the layer never turns
+    /// on an event callsite that the other layers' filters had off. It asks for spans at or
+    /// above [`span_level`](Builder::span_level) (by default `DEBUG`), which then exist even
+    /// if no other layer wanted them (see that setting for the cost). Per-layer filtering
+    /// needs `tracing_subscriber::Registry` at the root of the subscriber, as
+    /// `tracing_subscriber::registry()` gives.
+    ///
+    /// A filter applied to the whole subscriber (an `EnvFilter` or `LevelFilter` added with
+    /// `.with(filter)` rather than `.with_filter(filter)` on one layer) also filters looplag:
+    /// spans it turns off are invisible to looplag, so stalls in them lose their culprit
+    /// span and victims, and looplag's own WARN lines (target `looplag`) are dropped when it
+    /// turns WARN off for that target. looplag says so once on stderr when that happens (see
+    /// the README's "Setup").
+    pub fn layer<S>(&self) -> Filtered<LoopLagLayer, SpanFilter, S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
         LoopLagLayer::new(self.inner.config.max_victims > 0)
+            .with_filter(SpanFilter::new(self.inner.config.span_level))
     }
 
     /// Installs looplag's hooks on a tokio runtime builder.

@@ -69,10 +69,11 @@ mod watchdog;
 
 pub use config::{
     Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS,
-    DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
+    DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_SPAN_LEVEL, DEFAULT_STACK_SIGNAL,
+    DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
-pub use layer::LoopLagLayer;
+pub use layer::{LoopLagLayer, SpanFilter};
 pub use report::{StackCapture, StackFrame, StallReport, StallState};

@@ -14,6 +14,8 @@ pub(crate) const DURATION_FORM: &str =
     "a whole number followed by a unit, us, ms or s, with no space (e.g. 250us, 50ms, 1s)";
 /// The form a count variable must have.
 pub(crate) const COUNT_FORM: &str = "a whole number written with digits only (e.g. 1000)";
+/// The form a level variable must have.
+pub(crate) const LEVEL_FORM: &str = "`trace`, `debug`, `info`, `warn` or `error`";
 /// The form a boolean variable must have.
 pub(crate) const BOOL_FORM: &str = "`true` or `false`";
 
@@ -40,6 +42,18 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     match text {
         "true" => Some(true),
         "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a level name in lower case: `trace`, `debug`, `info`, `warn` or `error`.
+pub(crate) fn parse_level(text: &str) -> Option<tracing::Level> {
+    match text {
+        "trace" => Some(tracing::Level::TRACE),
+        "debug" => Some(tracing::Level::DEBUG),
+        "info" => Some(tracing::Level::INFO),
+        "warn" => Some(tracing::Level::WARN),
+        "error" => Some(tracing::Level::ERROR),
         _ => None,
     }
 }
@@ -97,6 +111,18 @@ mod tests {
             "5e3us",
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn levels_are_lower_case_names() {
+        assert_eq!(parse_level("trace"), Some(tracing::Level::TRACE));
+        assert_eq!(parse_level("debug"), Some(tracing::Level::DEBUG));
+        assert_eq!(parse_level("info"), Some(tracing::Level::INFO));
+        assert_eq!(parse_level("warn"), Some(tracing::Level::WARN));
+        assert_eq!(parse_level("error"), Some(tracing::Level::ERROR));
+        for bad in ["", "INFO", "Info", " info", "info ", "warning", "off", "3"] {
+            assert_eq!(parse_level(bad), None, "{bad:?}");
         }
     }
 

@@ -25,6 +25,8 @@ pub(crate) enum Kind {
     Bool,
     /// A signal number, digits only.
     Signal,
+    /// A level name in lower case.
+    Level,
 }
 
 impl Kind {
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Duration => env::DURATION_FORM,
             Kind::Count | Kind::Signal => env::COUNT_FORM,
             Kind::Bool => env::BOOL_FORM,
+            Kind::Level => env::LEVEL_FORM,
         }
     }
 
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Signal => env::parse_count(text)
                 .and_then(|n| i32::try_from(n).ok())
                 .map(Value::Signal),
+            Kind::Level => env::parse_level(text).map(Value::Level),
         }
     }
 }
@@ -98,10 +102,11 @@ pub(crate) enum Id {
     CaptureStacks,
     StackSignal,
     MaxStacksPerMinute,
+    SpanLevel,
 }
 
 /// Number of settings.
-pub(crate) const COUNT: usize = 8;
+pub(crate) const COUNT: usize = 9;
 
 /// Every [`Id`], in table order.
 pub(crate) const ID_ORDER: [Id; COUNT] = [
@@ -113,6 +118,7 @@ pub(crate) const ID_ORDER: [Id; COUNT] = [
     Id::CaptureStacks,
     Id::StackSignal,
     Id::MaxStacksPerMinute,
+    Id::SpanLevel,
 ];
 
 /// The table, in [`Id`] order (checked by a test). Ranges that refer to another setting
@@ -196,6 +202,15 @@ pub(crate) const SETTINGS: [Setting; COUNT] = [
         accepted: "a count from 0 to 6000",
         note: "0: no stacks",
     },
+    Setting {
+        method: "span_level",
+        variable: "LOOPLAG_SPAN_LEVEL",
+        kind: Kind::Level,
+        default: "debug",
+        range: Range::Any,
+        accepted: "`trace`, `debug`, `info`, `warn` or `error`",
+        note: "spans at or above it exist for looplag",
+    },
 ];
 
 /// What [`Id::StackSignal`] accepts (checked when its handler is installed).
@@ -217,6 +232,7 @@ pub(crate) enum Value {
     Count(u64),
     Bool(bool),
     Signal(i32),
+    Level(tracing::Level),
 }
 
 impl Value {
@@ -228,6 +244,7 @@ impl Value {
             Value::Count(count) => count.to_string(),
             Value::Bool(flag) => flag.to_string(),
             Value::Signal(signal) => signal.to_string(),
+            Value::Level(level) => level.to_string(),
         }
     }
 
@@ -350,6 +367,10 @@ mod tests {
             )))
         );
         assert_eq!(parsed(Id::CaptureStacks), Some(Value::Bool(true)));
+        assert_eq!(
+            parsed(Id::SpanLevel),
+            Some(Value::Level(crate::config::DEFAULT_SPAN_LEVEL))
+        );
         assert_eq!(
             parsed(Id::StackSignal),
             Some(Value::Signal(crate::config::DEFAULT_STACK_SIGNAL))

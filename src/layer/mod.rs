@@ -24,14 +24,19 @@ use crate::victims;
 use crate::victims::roots::{roots, Roots};
 
 mod access;
+mod filter;
 
 pub(crate) use access::{access, SpanAccess, SpanInfo};
+pub use filter::SpanFilter;
 
-/// The `tracing` layer of looplag; get one from [`LoopLag::layer`](crate::LoopLag::layer).
+/// The `tracing` layer of looplag; get one from [`LoopLag::layer`](crate::LoopLag::layer),
+/// which wraps it in its per-layer [`SpanFilter`].
 ///
 /// Add it to a `tracing_subscriber::Registry`-based subscriber, next to
 /// `tracing-opentelemetry`'s layer. It keeps per-thread state for the watchdog and records
-/// nothing by itself: it never filters, and it never calls OpenTelemetry from a hook.
+/// nothing by itself: it never filters for other layers, and it never calls OpenTelemetry
+/// from a hook. Added bare (without the filter), it would take the default interest in
+/// every callsite, events included.
 ///
 /// # Request spans
 ///

@@ -1,7 +1,13 @@
 //! Where a stall report goes: the WARN log line (target `looplag`, rate limited, with a
 //! summary line for what the limit held back) and the `on_stall` callback (every report).
+//!
+//! When the subscriber's filters drop looplag's WARN lines at the moment there is a stall to
+//! report (a global `EnvFilter` at ERROR, as many servers install by default, or no global
+//! subscriber at all), looplag says so once per process on stderr (see [`tell_if_silenced`]).
 
+use std::io::Write as _;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +43,7 @@ impl Publisher {
     /// Logs the report (within the log's rate limit) and hands it to the callback (always).
     pub(crate) fn publish(&mut self, report: &StallReport) {
         let now = Instant::now();
+        tell_if_silenced(&self.runtime_name);
         self.roll(now);
         if self.limiter.admit(now) {
             match report.state {
@@ -87,4 +94,39 @@ impl Publisher {
             self.max_per_second
         );
     }
+}
+
+/// Whether the process was told that looplag's WARN lines are filtered out.
+static TOLD_SILENCED: AtomicBool = AtomicBool::new(false);
+
+/// The text written to stderr, once per process, when looplag's WARN lines are filtered out
+/// while it has a stall to report.
+const SILENCED_NOTICE: &str = "looplag: a stall was detected but looplag's \
+    WARN log lines (target `looplag`) are filtered out by the tracing subscriber (a global \
+    filter such as an EnvFilter or RUST_LOG below WARN for `looplag`, or no global \
+    subscriber): stall metrics, stall spans and the on_stall callback are unaffected; add \
+    the directive `looplag=warn` to the filter, or filter per layer (README, \"Setup\"), to \
+    see the stall lines. This note is written once per process.";
+
+/// Writes [`SILENCED_NOTICE`] to stderr, once per process, if a WARN line of target
+/// `looplag` would be dropped by the subscriber of this (the watchdog's) thread right now.
+///
+/// stderr because it is the one path that the filter in question cannot hide, and that a
+/// user who set filters still reads (terminal, container log, journal); a `tracing` event of
+/// any level could be dropped by the same filter. Once per process because it is about the
+/// setup, not about a stall: the stall itself still reaches metrics, spans and `on_stall`.
+/// The check is `tracing::enabled!`, which after the first call reads the callsite's cached
+/// interest (and asks the subscriber only when that interest is "sometimes").
+fn tell_if_silenced(runtime_name: &str) {
+    if TOLD_SILENCED.load(Ordering::Relaxed)
+        || tracing::enabled!(target: "looplag", tracing::Level::WARN)
+        || TOLD_SILENCED.swap(true, Ordering::Relaxed)
+    {
+        return;
+    }
+    // Nothing else can be done if stderr is closed: never panic over it.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "{SILENCED_NOTICE} (runtime `{runtime_name}`)"
+    );
 }

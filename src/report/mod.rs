@@ -44,9 +44,11 @@ impl fmt::Display for StackFrame {
 pub enum StackCapture {
     /// Taken while the thread was blocked, innermost frame first, signal frames removed.
     Captured(Vec<StackFrame>),
-    /// Taken while the thread was blocked, and being symbolized on looplag's symbolizer
-    /// thread (debug info loads slowly the first time); later reports of the same stall,
-    /// and its span, carry the frames.
+    /// Pending: being taken (looplag's capture thread signals the blocked thread at
+    /// detection and waits up to 100 ms for it) and symbolized (on looplag's symbolizer
+    /// thread; debug info loads slowly the first time). No report waits for it: the first
+    /// report of a stall usually says this, and later reports of the same stall, its span
+    /// and its end report carry the frames, or why there are none.
     Symbolizing,
     /// Not taken: [`max_stacks_per_minute`](crate::Builder::max_stacks_per_minute) was
     /// reached. `suppressed` counts every capture skipped so far by this instance.
@@ -233,7 +235,9 @@ impl fmt::Display for StallReport {
                 "\n    (no stack: rate limited, {suppressed} capture(s) suppressed so far)"
             )?,
             StackCapture::Failed(reason) => write!(f, "\n    (no stack: {reason})")?,
-            StackCapture::Symbolizing => write!(f, "\n    (stack captured, being symbolized)")?,
+            StackCapture::Symbolizing => {
+                write!(f, "\n    (stack pending: being taken and symbolized)")?
+            }
             StackCapture::Disabled | StackCapture::Unsupported | StackCapture::UnknownThread => {}
         }
         if let Some(kind) = self.kind {

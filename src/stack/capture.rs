@@ -1,5 +1,6 @@
-//! The watchdog's side of stack capture: the per-minute budget, the signal round trip to the
-//! blocked thread, and the hand-off to the symbolizer thread.
+//! The watchdog's side of stack capture: the per-minute budget, and the hand-off to the
+//! capture and symbolizer threads (see `symbolizer`), so that taking a stack never delays a
+//! report.
 
 use std::time::{Duration, Instant};
 
@@ -7,18 +8,15 @@ use super::symbolizer::Symbolizer;
 use super::{StackSupport, ThreadTarget};
 use crate::report::StackCapture;
 
-/// How long the watchdog waits for the blocked thread to run the stack signal's handler.
+/// How long the capture thread waits for the blocked thread to run the stack signal's
+/// handler (a thread that blocks the signal, or is stopped, never does).
 const CAPTURE_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// Once its caches are warm the symbolizer answers within a millisecond or two; the
-/// watchdog waits that long so that the first report usually names the culprit.
-const FIRST_REPORT_WAIT: Duration = Duration::from_millis(3);
 
 /// Takes stacks for one watchdog, within its budget.
 pub(crate) struct Capturer {
     support: StackSupport,
     budget: StackBudget,
-    /// Started at the first captured stack: no thread while nothing stalls.
+    /// Started at the first stack asked for: no thread while nothing stalls.
     symbolizer: Option<Symbolizer>,
 }
 
@@ -31,10 +29,12 @@ impl Capturer {
         }
     }
 
-    /// Takes the stack of `target` for stall `id` (microseconds) and queues it for the
-    /// symbolizer thread, so that reading debug info never delays a report or the next
-    /// detection. [`StackCapture::Symbolizing`] when the symbols are not ready yet: they come
-    /// from [`ready`](Capturer::ready) later.
+    /// Asks the capture thread for the stack of `target` for stall `id`, within the budget,
+    /// and returns at once: [`StackCapture::Symbolizing`] when the request is queued (the
+    /// stack, or why there is none, comes from [`ready`](Capturer::ready) later), or why no
+    /// stack will come. The capture thread signals the blocked thread microseconds later,
+    /// while it is still blocked; a thread that cannot take the signal costs that thread
+    /// the capture timeout, never the watchdog.
     pub(crate) fn capture(&mut self, id: u64, target: &ThreadTarget, now: Instant) -> StackCapture {
         match self.support {
             StackSupport::Disabled => return StackCapture::Disabled,
@@ -45,21 +45,16 @@ impl Capturer {
             let suppressed = self.budget.suppressed;
             return StackCapture::RateLimited { suppressed };
         }
-        match super::capture(target, CAPTURE_TIMEOUT) {
-            Ok(raw) => {
-                let symbolizer = self.symbolizer.get_or_insert_with(Symbolizer::start);
-                match symbolizer.submit(id, raw) {
-                    Ok(()) => symbolizer
-                        .wait(id, FIRST_REPORT_WAIT)
-                        .unwrap_or(StackCapture::Symbolizing),
-                    Err(why) => why,
-                }
-            }
-            Err(err) => StackCapture::Failed(err.to_string()),
+        let symbolizer = self
+            .symbolizer
+            .get_or_insert_with(|| Symbolizer::start(CAPTURE_TIMEOUT));
+        match symbolizer.request(id, target) {
+            Ok(()) => StackCapture::Symbolizing,
+            Err(why) => why,
         }
     }
 
-    /// The stacks symbolized since the last call, by stall id.
+    /// The stacks taken and symbolized (or failed) since the last call, by stall id.
     pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
         match &mut self.symbolizer {
             Some(symbolizer) => symbolizer.ready(),

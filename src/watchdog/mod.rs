@@ -183,6 +183,7 @@ impl Watch {
         }
         self.workers.track(&self.handle.metrics(), &slots, now);
         self.workers.track_cpu(&slots, now);
+        self.attach_stacks();
         self.check_active(now, access.as_ref());
         self.detect_exact(&slots, now, &anchor, access.as_ref());
         if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)

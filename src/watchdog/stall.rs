@@ -1,7 +1,7 @@
-//! One stall's life on the watchdog: begin (counter, stall span, diagnosis, stack, first
-//! report), the reports each time its duration doubles, and the end (kind, duration
-//! histogram, victims, final span attributes, last report), which waits a moment for the
-//! stack's symbols when they are still on their way.
+//! One stall's life on the watchdog: begin (counter, stall span, diagnosis, stack request,
+//! first report, all at once), the reports each time its duration doubles (with the stack
+//! once it has arrived), and the end (kind, duration histogram, victims, final span
+//! attributes, last report), which waits a moment for the stack when it is still on its way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -55,7 +55,8 @@ pub(super) struct Active {
     next_report: Duration,
     task: Option<(u64, &'static std::panic::Location<'static>)>,
     diagnosis: Diagnosis,
-    /// The blocked thread's stack; [`StackCapture::Symbolizing`] until its symbols arrive.
+    /// The blocked thread's stack; [`StackCapture::Symbolizing`] until it is taken and
+    /// symbolized (or fails).
     stack: StackCapture,
     /// Exact stalls: pending for the layer until the watchdog marks the victims.
     pending: Option<PendingGuard>,
@@ -141,7 +142,9 @@ impl Stalls {
 
 impl Watch {
     /// A stall was found: counts it, opens its span under the culprit's span, diagnoses the
-    /// blocked thread, takes its stack and publishes the first report.
+    /// blocked thread, asks for its stack and publishes the first report. Nothing here waits:
+    /// the first report says the stack is pending ([`StackCapture::Symbolizing`]), and the
+    /// stack joins the later reports, the span and the end report when it arrives.
     pub(super) fn begin(
         &mut self,
         source: Source,
@@ -414,11 +417,17 @@ impl Watch {
         self.publisher.publish(&report);
     }
 
-    /// Attaches the symbolized stacks, then finishes the ended stalls that waited for them
-    /// (or for [`SYMBOLS_WAIT`], or all of them when `force`d at shutdown).
-    pub(super) fn finish_waiting(&mut self, now: u64, force: bool) {
+    /// Attaches the stacks that arrived since the last call to their stalls, so that the
+    /// reports published next carry them.
+    pub(super) fn attach_stacks(&mut self) {
         let ready = self.stacks.ready();
         self.stalls.attach(ready);
+    }
+
+    /// Attaches the stacks that arrived, then finishes the ended stalls that waited for them
+    /// (or for [`SYMBOLS_WAIT`], or all of them when `force`d at shutdown).
+    pub(super) fn finish_waiting(&mut self, now: u64, force: bool) {
+        self.attach_stacks();
         if self.stalls.finishing.is_empty() {
             return;
         }

@@ -30,6 +30,29 @@ pub struct Harness {
 
 /// Installs the global subscriber and builds a looplag instance with `configure` applied.
 pub fn harness(configure: impl FnOnce(looplag::Builder) -> looplag::Builder) -> Harness {
+    harness_with(configure, |looplag, tracer| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::registry()
+            // looplag's layer first: see "Layer order" in LoopLagLayer's docs.
+            .with(looplag.layer())
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(filter),
+            )
+            .try_init()
+            .expect("one global subscriber per test process: run the tests with cargo nextest");
+    })
+}
+
+/// As [`harness`], with the global subscriber installed by `install`, which gets the
+/// instance and the tracer for `tracing-opentelemetry`'s layer.
+pub fn harness_with(
+    configure: impl FnOnce(looplag::Builder) -> looplag::Builder,
+    install: impl FnOnce(&LoopLag, opentelemetry_sdk::trace::Tracer),
+) -> Harness {
     let spans = InMemorySpanExporter::default();
     let tracer_provider = SdkTracerProvider::builder()
         .with_simple_exporter(spans.clone())
@@ -49,19 +72,7 @@ pub fn harness(configure: impl FnOnce(looplag::Builder) -> looplag::Builder) -> 
         .tracer(tracer_provider.tracer("looplag"))
         .on_stall(move |report| sink.lock().unwrap().push(report.clone()));
     let looplag = configure(builder).build().expect("valid looplag settings");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::registry()
-        // looplag's layer first: see "Layer order" in LoopLagLayer's docs.
-        .with(looplag.layer())
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_test_writer()
-                .with_filter(filter),
-        )
-        .try_init()
-        .expect("one global subscriber per test process: run the tests with cargo nextest");
+    install(&looplag, tracer);
     Harness {
         spans,
         metrics,
