@@ -14,7 +14,6 @@ use crate::error::Error;
 use crate::hot::doze::Doze;
 use crate::hot::slots::Registry;
 use crate::layer::LoopLagLayer;
-use crate::telemetry::{self, Instruments};
 use crate::watchdog;
 use crate::watchdog::Inner;
 
@@ -74,13 +73,11 @@ impl LoopLag {
         on_stall: Option<StallCallback>,
     ) -> Self {
         clock::init();
-        let meter = meter.unwrap_or_else(telemetry::default_meter);
-        let instruments = Instruments::new(&meter, &config.runtime_name);
         LoopLag {
             inner: Arc::new(Inner {
                 config,
-                instruments,
-                tracer: tracer.unwrap_or_else(telemetry::default_tracer),
+                meter,
+                tracer,
                 on_stall,
                 registry: Registry::new(NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)),
                 doze: Doze::new(),

@@ -57,6 +57,7 @@
 mod clock;
 mod config;
 mod diagnose;
+mod entry;
 mod error;
 mod hot;
 mod instance;
@@ -72,7 +73,10 @@ pub use config::{
     DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
+pub use entry::{__private, layer};
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::LoopLagLayer;
+#[cfg(feature = "macros")]
+pub use looplag_macros::main;
 pub use report::{StackCapture, StackFrame, StallReport, StallState};
