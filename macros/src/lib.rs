@@ -19,9 +19,24 @@ const ACCEPTED: &str =
 /// generated code does.
 #[proc_macro_attribute]
 pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
-    match expand(args.into(), item.into()) {
+    let item: TokenStream2 = item.into();
+    match expand(args.into(), item.clone()) {
         Ok(tokens) => tokens.into(),
-        Err(err) => err.to_compile_error().into(),
+        Err(err) => with_error(item, err).into(),
+    }
+}
+
+/// The error, and the function with its body replaced, so that the error is the only one
+/// the user sees (no "`main` function not found" after it).
+fn with_error(item: TokenStream2, err: syn::Error) -> TokenStream2 {
+    let error = err.to_compile_error();
+    match syn::parse2::<ItemFn>(item) {
+        Ok(mut function) => {
+            function.sig.asyncness = None;
+            function.block = Box::new(syn::parse_quote!({ loop {} }));
+            quote!(#error #function)
+        }
+        Err(_) => error,
     }
 }
 
