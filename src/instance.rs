@@ -13,13 +13,11 @@ use crate::config::{Builder, Config, StallCallback};
 use crate::error::Error;
 use crate::hot::doze::Doze;
 use crate::hot::slots::Registry;
-use tracing_subscriber::filter::Filtered;
-use tracing_subscriber::Layer as _;
-
 use crate::layer::{LoopLagLayer, SpanFilter};
-use crate::telemetry::{self, Instruments};
 use crate::watchdog;
 use crate::watchdog::Inner;
+use tracing_subscriber::filter::Filtered;
+use tracing_subscriber::Layer as _;
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -77,13 +75,11 @@ impl LoopLag {
         on_stall: Option<StallCallback>,
     ) -> Self {
         clock::init();
-        let meter = meter.unwrap_or_else(telemetry::default_meter);
-        let instruments = Instruments::new(&meter, &config.runtime_name);
         LoopLag {
             inner: Arc::new(Inner {
                 config,
-                instruments,
-                tracer: tracer.unwrap_or_else(telemetry::default_tracer),
+                meter,
+                tracer,
                 on_stall,
                 registry: Registry::new(NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)),
                 doze: Doze::new(),

@@ -57,6 +57,7 @@
 mod clock;
 mod config;
 mod diagnose;
+mod entry;
 mod error;
 mod hot;
 mod instance;
@@ -73,7 +74,10 @@ pub use config::{
     DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
+pub use entry::{__private, layer};
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::{LoopLagLayer, SpanFilter};
+#[cfg(feature = "macros")]
+pub use looplag_macros::main;
 pub use report::{StackCapture, StackFrame, StallReport, StallState};

@@ -4,7 +4,9 @@
 //! `collector/`, whose Prometheus series `collector/series.txt` lists and this module's test
 //! derives); change one only together with all of its users.
 
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry::trace::{SpanBuilder, Tracer as _};
 use opentelemetry::KeyValue;
 
 /// Instrumentation scope name of every meter and tracer looplag creates.
@@ -123,14 +125,78 @@ impl Instruments {
     }
 }
 
-/// The meter looplag uses when none is given: the global meter provider's `looplag` scope.
-pub(crate) fn default_meter() -> Meter {
-    opentelemetry::global::meter_with_scope(scope())
+/// An instance's instruments, kept on the watchdog thread.
+///
+/// Without a meter given to the builder they come from the global meter provider, and follow
+/// it: instruments made from the no-op provider stay no-op forever, and with
+/// `#[looplag::main]` the instance exists before `main`'s body installs the application's
+/// providers. [`refresh`](Telemetry::refresh) (once per tick) makes them anew from the
+/// provider installed since.
+pub(crate) struct Telemetry {
+    instruments: Instruments,
+    /// The address of the global meter provider the instruments come from; `None` when a
+    /// meter was given.
+    global: Option<usize>,
+    runtime_name: String,
 }
 
-/// The tracer looplag uses when none is given: the global tracer provider's `looplag` scope.
-pub(crate) fn default_tracer() -> opentelemetry::global::BoxedTracer {
-    opentelemetry::global::tracer_with_scope(scope())
+impl Telemetry {
+    /// The instruments on `meter`, or on the global meter provider's `looplag` scope.
+    pub(crate) fn new(meter: Option<&Meter>, runtime_name: &str) -> Self {
+        let (instruments, global) = match meter {
+            Some(meter) => (Instruments::new(meter, runtime_name), None),
+            None => {
+                let provider = opentelemetry::global::meter_provider();
+                let meter = provider.meter_with_scope(scope());
+                let address = provider_address(&provider);
+                (Instruments::new(&meter, runtime_name), Some(address))
+            }
+        };
+        Telemetry {
+            instruments,
+            global,
+            runtime_name: runtime_name.to_string(),
+        }
+    }
+
+    /// Makes the instruments anew if they come from the global meter provider and another
+    /// one was installed since (a read lock and a pointer comparison otherwise).
+    pub(crate) fn refresh(&mut self) {
+        let Some(address) = self.global else {
+            return;
+        };
+        let provider = opentelemetry::global::meter_provider();
+        let current = provider_address(&provider);
+        if current != address {
+            let meter = provider.meter_with_scope(scope());
+            self.instruments = Instruments::new(&meter, &self.runtime_name);
+            self.global = Some(current);
+        }
+    }
+
+    pub(crate) fn instruments(&self) -> &Instruments {
+        &self.instruments
+    }
+}
+
+fn provider_address(provider: &std::sync::Arc<dyn MeterProvider + Send + Sync>) -> usize {
+    std::sync::Arc::as_ptr(provider).cast::<()>() as usize
+}
+
+/// Starts a span with `tracer`, or without one with the global tracer provider's `looplag`
+/// scope as it is now (stall spans are rare: asking the global provider each time follows a
+/// provider installed after looplag was built).
+pub(crate) fn start_span(
+    tracer: Option<&BoxedTracer>,
+    builder: SpanBuilder,
+    parent: &opentelemetry::Context,
+) -> BoxedSpan {
+    match tracer {
+        Some(tracer) => tracer.build_with_context(builder, parent),
+        None => {
+            opentelemetry::global::tracer_with_scope(scope()).build_with_context(builder, parent)
+        }
+    }
 }
 
 /// The instrumentation scope `looplag` with this crate's version.
@@ -147,7 +213,6 @@ pub(crate) fn scope() -> opentelemetry::InstrumentationScope {
 mod tests {
     use super::*;
     use crate::StallKind;
-    use opentelemetry::metrics::MeterProvider as _;
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
     use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
     use std::collections::{BTreeMap, BTreeSet};

@@ -22,8 +22,9 @@ use crate::layer;
 use crate::report::log::Publisher;
 use crate::stack::capture::Capturer;
 use crate::stack::StackSupport;
-use crate::telemetry::Instruments;
+use crate::telemetry::Telemetry;
 use crate::victims::PolledRoots;
+use opentelemetry::metrics::Meter;
 use probe::{Collected, Probe};
 use stall::Stalls;
 use workers::Workers;
@@ -36,8 +37,11 @@ mod workers;
 /// What an instance shares with its runtime's hooks and its watchdog thread.
 pub(crate) struct Inner {
     pub(crate) config: Config,
-    pub(crate) instruments: Instruments,
-    pub(crate) tracer: BoxedTracer,
+    /// The meter given to the builder; `None`: the global meter provider's, followed
+    /// (`telemetry::Telemetry`).
+    pub(crate) meter: Option<Meter>,
+    /// The tracer given to the builder; `None`: the global tracer provider's at each span.
+    pub(crate) tracer: Option<BoxedTracer>,
     pub(crate) on_stall: Option<StallCallback>,
     pub(crate) registry: Registry,
     /// The watchdog's idle sleep, woken by the unpark hook.
@@ -123,6 +127,7 @@ struct Watch {
     probe: Probe,
     /// How long the watchdog dozed since it last spawned a probe.
     dozed: Duration,
+    telemetry: Telemetry,
     workers: Workers,
     polled: PolledRoots,
     stalls: Stalls,
@@ -149,6 +154,7 @@ impl Watch {
         Watch {
             probe: Probe::new(config.sample_interval),
             dozed: Duration::ZERO,
+            telemetry: Telemetry::new(inner.meter.as_ref(), &inner.config.runtime_name),
             workers: Workers::new(multi_thread, clock::raw()),
             polled: PolledRoots::default(),
             stalls: Stalls::default(),
@@ -171,7 +177,8 @@ impl Watch {
     fn tick(&mut self) -> bool {
         let anchor = Anchor::now();
         let now = anchor.raw;
-        let instruments = &self.inner.instruments;
+        self.telemetry.refresh();
+        let instruments = self.telemetry.instruments();
         let collected = self.probe.collect(now, |seconds| {
             instruments.delay.record(seconds, &instruments.attributes)
         });

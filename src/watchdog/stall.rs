@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::global::BoxedSpan;
-use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanBuilder, SpanContext, SpanKind};
 use opentelemetry::KeyValue;
 
 use super::detect::report_due;
@@ -19,7 +19,7 @@ use crate::hot::slots::{Flag, PollEnd, Slot};
 use crate::layer::{SpanAccess, SpanInfo};
 use crate::report::{StackCapture, StallReport, StallState};
 use crate::stack;
-use crate::telemetry as names;
+use crate::telemetry::{self, self as names};
 use crate::victims::{self, Pending, PendingGuard};
 
 /// How long an ended stall's span and last report wait for its stack's symbols.
@@ -170,8 +170,8 @@ impl Watch {
             }
             None => (Diagnosis::default(), StackCapture::UnknownThread),
         };
-        self.inner
-            .instruments
+        self.telemetry
+            .instruments()
             .stalls
             .add(1, &self.metric_attributes(diagnosis.kind));
 
@@ -181,13 +181,11 @@ impl Watch {
             .as_ref()
             .and_then(|info| info.context.clone())
             .unwrap_or_default();
-        let tracer = &self.inner.tracer;
-        let builder = tracer
-            .span_builder(names::STALL_SPAN)
+        let builder = SpanBuilder::from_name(names::STALL_SPAN)
             .with_kind(SpanKind::Internal)
             .with_start_time(start_time)
             .with_attributes(attributes);
-        let span = tracer.build_with_context(builder, &parent);
+        let span = telemetry::start_span(self.inner.tracer.as_ref(), builder, &parent);
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
         let pending = match &source {
@@ -342,8 +340,8 @@ impl Watch {
                 .set_attribute(KeyValue::new(names::STALL_CPU_TIME, cpu_time.as_secs_f64()));
         }
         let attributes = self.metric_attributes(active.diagnosis.kind);
-        self.inner
-            .instruments
+        self.telemetry
+            .instruments()
             .stall_duration
             .record(duration.as_secs_f64(), &attributes);
 
@@ -446,7 +444,7 @@ impl Watch {
 
     /// `tokio.runtime.name`, plus `tokio.eventloop.stall.kind` when known.
     fn metric_attributes(&self, kind: Option<StallKind>) -> Vec<KeyValue> {
-        let mut attributes = self.inner.instruments.attributes.to_vec();
+        let mut attributes = self.telemetry.instruments().attributes.to_vec();
         if let Some(kind) = kind {
             attributes.push(KeyValue::new(names::STALL_KIND, kind.as_str()));
         }

@@ -1,0 +1,2 @@
+#[looplag::main(stall_threshold = "50 ms")]
+async fn main() {}

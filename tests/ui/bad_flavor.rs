@@ -1,0 +1,2 @@
+#[looplag::main(flavor = "single_thread")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[looplag::main]
+fn main() {}

@@ -1,0 +1,2 @@
+#[looplag::main(threads = 4)]
+async fn main() {}

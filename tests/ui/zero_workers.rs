@@ -1,0 +1,2 @@
+#[looplag::main(worker_threads = 0)]
+async fn main() {}
