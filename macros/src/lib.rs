@@ -33,7 +33,7 @@ fn with_error(item: TokenStream2, err: syn::Error) -> TokenStream2 {
     match syn::parse2::<ItemFn>(item) {
         Ok(mut function) => {
             function.sig.asyncness = None;
-            function.block = Box::new(syn::parse_quote!({ loop {} }));
+            *function.block = syn::parse_quote!({ loop {} });
             quote!(#error #function)
         }
         Err(_) => error,
