@@ -33,6 +33,13 @@ pub(crate) const CAPTURE_STACKS: &str = "LOOPLAG_CAPTURE_STACKS";
 pub(crate) const STACK_SIGNAL: &str = "LOOPLAG_STACK_SIGNAL";
 /// Variable for [`Builder::max_stacks_per_minute`](crate::Builder::max_stacks_per_minute).
 pub(crate) const MAX_STACKS_PER_MINUTE: &str = "LOOPLAG_MAX_STACKS_PER_MINUTE";
+/// Variable for [`Builder::library_prefixes`](crate::Builder::library_prefixes).
+pub(crate) const LIBRARY_PREFIXES: &str = "LOOPLAG_LIBRARY_PREFIXES";
+/// Variable for [`Builder::max_culprit_functions`](crate::Builder::max_culprit_functions).
+pub(crate) const MAX_CULPRIT_FUNCTIONS: &str = "LOOPLAG_MAX_CULPRIT_FUNCTIONS";
+/// The form a list variable must have.
+pub(crate) const LIST_FORM: &str =
+    "comma-separated items without spaces (e.g. my_sdk,app::db); an empty item is an error";
 /// The form a boolean variable must have.
 pub(crate) const BOOL_FORM: &str = "`true` or `false`";
 
@@ -50,6 +57,8 @@ pub(crate) struct EnvValues {
     pub(crate) capture_stacks: Option<OsString>,
     pub(crate) stack_signal: Option<OsString>,
     pub(crate) max_stacks_per_minute: Option<OsString>,
+    pub(crate) library_prefixes: Option<OsString>,
+    pub(crate) max_culprit_functions: Option<OsString>,
 }
 
 impl EnvValues {
@@ -65,6 +74,8 @@ impl EnvValues {
             capture_stacks: get(CAPTURE_STACKS),
             stack_signal: get(STACK_SIGNAL),
             max_stacks_per_minute: get(MAX_STACKS_PER_MINUTE),
+            library_prefixes: get(LIBRARY_PREFIXES),
+            max_culprit_functions: get(MAX_CULPRIT_FUNCTIONS),
         }
     }
 }
@@ -91,6 +102,12 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
         "false" => Some(false),
         _ => None,
     }
+}
+
+/// Splits a comma-separated list; items are kept as written (validation rejects empty ones
+/// and whitespace).
+pub(crate) fn parse_list(text: &str) -> Vec<String> {
+    text.split(',').map(str::to_owned).collect()
 }
 
 /// Parses a count written with ASCII digits only.
@@ -147,6 +164,14 @@ mod tests {
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn lists_split_on_commas_and_keep_empty_items_for_validation() {
+        assert_eq!(parse_list("my_sdk,app::db"), vec!["my_sdk", "app::db"]);
+        assert_eq!(parse_list("one"), vec!["one"]);
+        assert_eq!(parse_list("a,,b"), vec!["a", "", "b"]);
+        assert_eq!(parse_list("a, b"), vec!["a", " b"]);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub const DEFAULT_STACK_SIGNAL: i32 = crate::stack::DEFAULT_STACK_SIGNAL;
 pub const DEFAULT_MAX_STACKS_PER_MINUTE: u32 = 30;
 /// Default [`Builder::max_stall_logs_per_second`]: 10 stall log lines per second.
 pub const DEFAULT_MAX_STALL_LOGS_PER_SECOND: u32 = 10;
+/// Default [`Builder::max_culprit_functions`]: 100 distinct function names per instance.
+pub const DEFAULT_MAX_CULPRIT_FUNCTIONS: usize = 100;
 
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MAX_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -39,6 +41,9 @@ const MAX_RUNTIME_NAME_LEN: usize = 128;
 const MAX_VICTIMS_LIMIT: usize = 100_000;
 const MAX_STALL_LOGS_LIMIT: u64 = 100_000;
 const MAX_STACKS_PER_MINUTE_LIMIT: u64 = 6000;
+const MAX_CULPRIT_FUNCTIONS_LIMIT: usize = 10_000;
+const MAX_LIBRARY_PREFIXES: usize = 100;
+const MAX_LIBRARY_PREFIX_LEN: usize = 256;
 
 pub(crate) use crate::report::log::StallCallback;
 
@@ -87,6 +92,8 @@ struct Explicit {
     capture_stacks: Option<bool>,
     stack_signal: Option<i32>,
     max_stacks_per_minute: Option<u32>,
+    library_prefixes: Option<Vec<String>>,
+    max_culprit_functions: Option<usize>,
 }
 
 impl fmt::Debug for Builder {
@@ -113,6 +120,9 @@ pub(crate) struct Config {
     pub(crate) stacks: StackSupport,
     pub(crate) stack_signal: i32,
     pub(crate) max_stacks_per_minute: u32,
+    /// Function path prefixes of code that is never the culprit frame.
+    pub(crate) library_prefixes: Arc<[String]>,
+    pub(crate) max_culprit_functions: usize,
 }
 
 /// A setting's value with what an error about it must say: the setting's name (builder
@@ -319,6 +329,53 @@ impl Builder {
         }
     }
 
+    /// Sets function path prefixes of code that looplag treats as library code, besides the
+    /// standard library, tokio and the crates between: such a frame is never a stall's
+    /// culprit, its caller is.
+    ///
+    /// The culprit frame (`code.function.name` on the stall span and the duration
+    /// histogram, the first line of the stall log) is the first frame of the blocked thread's
+    /// stack that belongs to the application. Use this for the application's own wrappers
+    /// (a database client, an SDK) so that the code calling them is named instead. A prefix
+    /// is a Rust path and matches on a path boundary: `app::db` covers `app::db`,
+    /// `app::db::query` and `<app::db::Pool as Drop>::drop`, not `app::dbx`.
+    ///
+    /// Accepted: at most 100 prefixes of 1 to 256 characters, without whitespace, control
+    /// characters or commas. Environment: `LOOPLAG_LIBRARY_PREFIXES`, comma-separated
+    /// (`my_sdk,app::db`). By default, none.
+    pub fn library_prefixes<I, S>(self, prefixes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Builder {
+            explicit: Explicit {
+                library_prefixes: Some(prefixes.into_iter().map(Into::into).collect()),
+                ..self.explicit
+            },
+            ..self
+        }
+    }
+
+    /// Sets how many distinct culprit function names one instance puts on the
+    /// `tokio.eventloop.stall.duration` histogram (attribute `code.function.name`).
+    ///
+    /// The first `max` distinct functions keep their name; later new ones share the value
+    /// `other`, so that a process cannot grow its metric series without bound. Stalls
+    /// without a culprit (no stack: rate limited, unsupported platform; or no application
+    /// frame in it) carry `unknown`. Stall spans and logs always name the function. `0`
+    /// gives every culprit the value `other`. Accepted: 0 to 10 000. Environment:
+    /// `LOOPLAG_MAX_CULPRIT_FUNCTIONS`. By default, 100.
+    pub fn max_culprit_functions(self, max: usize) -> Self {
+        Builder {
+            explicit: Explicit {
+                max_culprit_functions: Some(max),
+                ..self.explicit
+            },
+            ..self
+        }
+    }
+
     /// Reads settings from the environment; values set by builder methods still win,
     /// whether they are set before or after this call.
     ///
@@ -332,6 +389,8 @@ impl Builder {
     /// | `LOOPLAG_CAPTURE_STACKS` | [`capture_stacks`](Builder::capture_stacks) | `true` or `false` |
     /// | `LOOPLAG_STACK_SIGNAL` | [`stack_signal`](Builder::stack_signal) | count |
     /// | `LOOPLAG_MAX_STACKS_PER_MINUTE` | [`max_stacks_per_minute`](Builder::max_stacks_per_minute) | count |
+    /// | `LOOPLAG_LIBRARY_PREFIXES` | [`library_prefixes`](Builder::library_prefixes) | comma-separated paths |
+    /// | `LOOPLAG_MAX_CULPRIT_FUNCTIONS` | [`max_culprit_functions`](Builder::max_culprit_functions) | count |
     ///
     /// A duration is a whole number and a unit, `us`, `ms` or `s`, with no space: `250us`,
     /// `50ms`, `1s`. A count is digits only. An empty variable counts as unset. The
@@ -526,7 +585,46 @@ impl Builder {
             install_stack_handler(&signal)?
         };
 
+        let prefixes = resolve(
+            explicit.library_prefixes.clone(),
+            "library_prefixes",
+            env.library_prefixes.as_ref(),
+            env::LIBRARY_PREFIXES,
+            |text| Some(env::parse_list(text)),
+            env::LIST_FORM,
+            Vec::new(),
+        )?;
+        let prefix_ok = |prefix: &String| {
+            !prefix.is_empty()
+                && prefix.chars().count() <= MAX_LIBRARY_PREFIX_LEN
+                && !prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+        };
+        if prefixes.value.len() > MAX_LIBRARY_PREFIXES || !prefixes.value.iter().all(prefix_ok) {
+            return Err(prefixes.invalid(
+                |list| format!("{list:?}"),
+                "at most 100 prefixes of 1 to 256 characters, without whitespace, control \
+                 characters or commas",
+            ));
+        }
+
+        let max_culprits = resolve(
+            explicit.max_culprit_functions,
+            "max_culprit_functions",
+            env.max_culprit_functions.as_ref(),
+            env::MAX_CULPRIT_FUNCTIONS,
+            |text| env::parse_count(text).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            env::COUNT_FORM,
+            DEFAULT_MAX_CULPRIT_FUNCTIONS,
+        )?;
+        if max_culprits.value > MAX_CULPRIT_FUNCTIONS_LIMIT {
+            return Err(max_culprits.invalid(|n| n.to_string(), "a count from 0 to 10000"));
+        }
+
         Ok(Config {
+            library_prefixes: prefixes.value.into(),
+            max_culprit_functions: max_culprits.value,
             runtime_name: name.value,
             sample_interval: interval.value,
             stall_threshold: threshold.value,

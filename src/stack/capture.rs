@@ -1,9 +1,10 @@
 //! The watchdog's side of stack capture: the per-minute budget, the signal round trip to the
 //! blocked thread, and the hand-off to the symbolizer thread.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::symbolizer::Symbolizer;
+use super::symbolizer::{Symbolized, Symbolizer};
 use super::{StackSupport, ThreadTarget};
 use crate::report::StackCapture;
 
@@ -20,47 +21,59 @@ pub(crate) struct Capturer {
     budget: StackBudget,
     /// Started at the first captured stack: no thread while nothing stalls.
     symbolizer: Option<Symbolizer>,
+    /// Function path prefixes of library code, for the culprit frame.
+    library_prefixes: Arc<[String]>,
 }
 
 impl Capturer {
-    pub(crate) fn new(support: StackSupport, per_minute: u32, now: Instant) -> Self {
+    pub(crate) fn new(
+        support: StackSupport,
+        per_minute: u32,
+        library_prefixes: Arc<[String]>,
+        now: Instant,
+    ) -> Self {
         Capturer {
             support,
             budget: StackBudget::new(per_minute, now),
             symbolizer: None,
+            library_prefixes,
         }
     }
 
     /// Takes the stack of `target` for stall `id` (microseconds) and queues it for the
     /// symbolizer thread, so that reading debug info never delays a report or the next
     /// detection. [`StackCapture::Symbolizing`] when the symbols are not ready yet: they come
-    /// from [`ready`](Capturer::ready) later.
-    pub(crate) fn capture(&mut self, id: u64, target: &ThreadTarget, now: Instant) -> StackCapture {
+    /// from [`ready`](Capturer::ready) later. The culprit frame comes with the symbols.
+    pub(crate) fn capture(&mut self, id: u64, target: &ThreadTarget, now: Instant) -> Symbolized {
+        let no_stack = Symbolized::without_frames;
         match self.support {
-            StackSupport::Disabled => return StackCapture::Disabled,
-            StackSupport::Unsupported => return StackCapture::Unsupported,
+            StackSupport::Disabled => return no_stack(StackCapture::Disabled),
+            StackSupport::Unsupported => return no_stack(StackCapture::Unsupported),
             StackSupport::Enabled => {}
         }
         if !self.budget.take(now) {
             let suppressed = self.budget.suppressed;
-            return StackCapture::RateLimited { suppressed };
+            return no_stack(StackCapture::RateLimited { suppressed });
         }
         match super::capture(target, CAPTURE_TIMEOUT) {
             Ok(raw) => {
-                let symbolizer = self.symbolizer.get_or_insert_with(Symbolizer::start);
+                let prefixes = &self.library_prefixes;
+                let symbolizer = self
+                    .symbolizer
+                    .get_or_insert_with(|| Symbolizer::start(Arc::clone(prefixes)));
                 match symbolizer.submit(id, raw) {
                     Ok(()) => symbolizer
                         .wait(id, FIRST_REPORT_WAIT)
-                        .unwrap_or(StackCapture::Symbolizing),
-                    Err(why) => why,
+                        .unwrap_or_else(|| no_stack(StackCapture::Symbolizing)),
+                    Err(why) => no_stack(why),
                 }
             }
-            Err(err) => StackCapture::Failed(err.to_string()),
+            Err(err) => no_stack(StackCapture::Failed(err.to_string())),
         }
     }
 
     /// The stacks symbolized since the last call, by stall id.
-    pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
+    pub(crate) fn ready(&mut self) -> Vec<(u64, Symbolized)> {
         match &mut self.symbolizer {
             Some(symbolizer) => symbolizer.ready(),
             None => Vec::new(),

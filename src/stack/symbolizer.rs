@@ -7,8 +7,27 @@
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 
-use crate::report::{StackCapture, StackFrame};
+use std::sync::Arc;
+
+use crate::report::{Culprit, StackCapture, StackFrame};
 use crate::stack::RawStack;
+
+/// A stack with its culprit frame, as the symbolizer thread hands it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Symbolized {
+    pub(crate) stack: StackCapture,
+    pub(crate) culprit: Culprit,
+}
+
+impl Symbolized {
+    /// No frames (yet): `stack` says why.
+    pub(crate) fn without_frames(stack: StackCapture) -> Self {
+        Symbolized {
+            stack,
+            culprit: Culprit::NoStack,
+        }
+    }
+}
 
 /// Stacks waiting to be symbolized at most; more are reported as failed captures.
 const QUEUE: usize = 64;
@@ -17,9 +36,9 @@ const QUEUE: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Symbolizer {
     requests: Option<SyncSender<(u64, Box<RawStack>)>>,
-    results: Option<Receiver<(u64, StackCapture)>>,
+    results: Option<Receiver<(u64, Symbolized)>>,
     /// Results received while waiting for another stall's.
-    early: Vec<(u64, StackCapture)>,
+    early: Vec<(u64, Symbolized)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -37,8 +56,9 @@ impl Drop for Symbolizer {
 }
 
 impl Symbolizer {
-    /// Starts the thread, which first loads the symbols of the running binary.
-    pub(crate) fn start() -> Self {
+    /// Starts the thread, which first loads the symbols of the running binary; it finds
+    /// each stack's culprit with `library_prefixes`.
+    pub(crate) fn start(library_prefixes: Arc<[String]>) -> Self {
         let (request_tx, request_rx) = mpsc::sync_channel::<(u64, Box<RawStack>)>(QUEUE);
         let (result_tx, result_rx) = mpsc::sync_channel(QUEUE);
         let spawned = std::thread::Builder::new()
@@ -47,7 +67,10 @@ impl Symbolizer {
                 crate::stack::warm_up();
                 // Ends when the watchdog drops its sender.
                 for (id, raw) in request_rx {
-                    if result_tx.send((id, symbolized(&raw))).is_err() {
+                    if result_tx
+                        .send((id, symbolized(&raw, &library_prefixes)))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -88,7 +111,7 @@ impl Symbolizer {
 
     /// Waits up to `timeout` for stall `id`'s stack; results for other stalls that arrive
     /// meanwhile are kept for [`ready`](Symbolizer::ready).
-    pub(crate) fn wait(&mut self, id: u64, timeout: std::time::Duration) -> Option<StackCapture> {
+    pub(crate) fn wait(&mut self, id: u64, timeout: std::time::Duration) -> Option<Symbolized> {
         let results = self.results.as_ref()?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -102,7 +125,7 @@ impl Symbolizer {
     }
 
     /// The stacks symbolized since the last call.
-    pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
+    pub(crate) fn ready(&mut self) -> Vec<(u64, Symbolized)> {
         let mut ready = std::mem::take(&mut self.early);
         if let Some(results) = &self.results {
             while let Ok(result) = results.try_recv() {
@@ -113,8 +136,9 @@ impl Symbolizer {
     }
 }
 
-/// The frames of `raw`, symbolized, with a marker when outer frames were cut.
-pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
+/// The frames of `raw`, symbolized, with a marker when outer frames were cut, and their
+/// culprit.
+pub(crate) fn symbolized(raw: &RawStack, library_prefixes: &[String]) -> Symbolized {
     let mut frames = crate::stack::symbolize(raw);
     if raw.is_truncated() {
         frames.push(StackFrame {
@@ -124,5 +148,9 @@ pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
             address: 0,
         });
     }
-    StackCapture::Captured(frames)
+    let culprit = super::culprit::find(&frames, library_prefixes);
+    Symbolized {
+        stack: StackCapture::Captured(frames),
+        culprit,
+    }
 }
