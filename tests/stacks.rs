@@ -264,8 +264,10 @@ fn a_function_marked_as_library_code_names_its_caller() {
 
 #[test]
 fn a_stack_of_library_code_only_says_it_has_no_culprit() {
-    // The whole test crate marked as library code: nothing in the stack qualifies.
-    let h = harness(|b| b.library_prefixes(["stacks"]));
+    // The whole test crate marked as library code: nothing in the stack qualifies. By path
+    // too: in release builds (line tables only), the inlined body of the task is named
+    // `{async_fn#0}`, without the crate's name, and so are the harness's generic helpers.
+    let h = harness(|b| b.library_prefixes(["stacks", "/tests/"]));
     let (_, report) = stall(&h, "sleep");
     assert_eq!(report.culprit, Culprit::NotFound, "{report:#?}");
     assert!(
@@ -281,6 +283,31 @@ fn a_stack_of_library_code_only_says_it_has_no_culprit() {
         Some(Value::from("not_found"))
     );
     assert_eq!(duration_by_function(&h), vec![("unknown".to_string(), 1)]);
+}
+
+/// Set by `scripts/test.sh` for its run of this file built without line tables
+/// (`profile.release.package.looplag.debug=false`).
+const NO_LINE_TABLES: &str = "LOOPLAG_TEST_NO_LINE_TABLES";
+
+#[test]
+fn with_or_without_line_tables_the_culprit_is_named() {
+    // The "could not tell" half is `a_stack_of_library_code_only_says_it_has_no_culprit`,
+    // which scripts/test.sh runs in that build too.
+    let no_line_tables = std::env::var(NO_LINE_TABLES).is_ok_and(|v| v == "1");
+    let h = harness(|b| b);
+    let (stack, report) = stall(&h, "sleep");
+    let culprit = culprit_of(&report);
+    // Named in full in every build: from debug info, or from the symbol table.
+    assert_eq!(culprit.function, "stacks::looplag_culprit_sleep", "{stack}");
+    if no_line_tables {
+        // Found by its crate name: there is no file to tell by.
+        assert_eq!(culprit.file, None, "this build has no line tables: {stack}");
+    } else {
+        assert!(
+            culprit.file.is_some(),
+            "this build has line tables: {stack}"
+        );
+    }
 }
 
 #[test]
@@ -303,7 +330,7 @@ macro_rules! ten_culprits {
         $(
             #[inline(never)]
             pub fn $f() {
-                std::thread::sleep(std::time::Duration::from_millis(25));
+                std::thread::sleep(std::time::Duration::from_millis(40));
                 std::hint::black_box(concat!(module_path!(), "::", stringify!($f)));
             }
         )*
@@ -327,8 +354,8 @@ fn distinct_culprits_on_the_histogram_are_bounded() {
     const N: usize = 100;
     let h = harness(|b| {
         b.max_culprit_functions(N)
-            .sample_interval(Duration::from_millis(1))
-            .stall_threshold(Duration::from_millis(5))
+            .sample_interval(Duration::from_millis(2))
+            .stall_threshold(Duration::from_millis(15))
             .max_stacks_per_minute(6000)
             .max_stall_logs_per_second(0)
     });
@@ -360,11 +387,20 @@ fn distinct_culprits_on_the_histogram_are_bounded() {
         "every stall names its own function: {named:#?}"
     );
     assert!(named.contains("stacks::generated::m14::f9"), "{named:#?}");
-    let values = duration_by_function(&h);
-    assert_eq!(values.len(), N + 1, "{values:#?}");
+    // A loaded machine may add a stall of its own (a poll preempted past the threshold),
+    // whose stack may hold no application frame: `unknown` is kept apart.
+    let values: Vec<(String, u64)> = duration_by_function(&h)
+        .into_iter()
+        .filter(|(name, _)| name != "unknown")
+        .collect();
+    assert_eq!(values.len(), N + 1, "N names and `other`: {values:#?}");
     let other = values.iter().find(|(name, _)| name == "other");
     assert_eq!(other.map(|(_, count)| *count), Some(50), "{values:#?}");
-    assert_eq!(values.iter().map(|(_, count)| count).sum::<u64>(), 150);
+    let generated = values
+        .iter()
+        .filter(|(name, _)| name.starts_with("stacks::generated::"))
+        .count();
+    assert_eq!(generated, N, "{values:#?}");
 }
 
 #[test]

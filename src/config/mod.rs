@@ -338,7 +338,10 @@ impl Builder {
     /// stack that belongs to the application. Use this for the application's own wrappers
     /// (a database client, an SDK) so that the code calling them is named instead. A prefix
     /// is a Rust path and matches on a path boundary: `app::db` covers `app::db`,
-    /// `app::db::query` and `<app::db::Pool as Drop>::drop`, not `app::dbx`.
+    /// `app::db::query` and `<app::db::Pool as Drop>::drop`, not `app::dbx`. A prefix with a
+    /// `/` matches the frame's source file instead (`src/db/`, `vendor/sdk/`): with
+    /// `debug = "line-tables-only"`, frames of inlined functions carry only their short name
+    /// (`query`), never a path to match.
     ///
     /// Accepted: at most 100 prefixes of 1 to 256 characters, without whitespace, control
     /// characters or commas. Environment: `LOOPLAG_LIBRARY_PREFIXES`, comma-separated

@@ -10,7 +10,7 @@
 //! In this order, the first rule that applies decides:
 //!
 //! 1. A function under one of the user's [`library_prefixes`](crate::Builder::library_prefixes)
-//!    is library code.
+//!    is library code (a prefix with a `/` matches the frame's source file instead).
 //! 2. With a source file (line tables): a file that is no Rust source (glibc's
 //!    `./time/../sysdeps/unix/sysv/linux/clock_nanosleep.c`, assembly), or one under the cargo
 //!    registry or a git checkout of cargo (`…/registry/src/…`, `…/git/checkouts/…`) or in the
@@ -131,10 +131,19 @@ pub(crate) fn find(frames: &[StackFrame], library_prefixes: &[String]) -> Culpri
 /// Whether `frame` is the application's own code (see the module docs for the rules).
 pub(crate) fn is_application(frame: &StackFrame, library_prefixes: &[String]) -> bool {
     let path = type_path(&frame.function);
-    if library_prefixes
-        .iter()
-        .any(|prefix| has_prefix(path, prefix) || has_prefix(&frame.function, prefix))
-    {
+    let marked = |prefix: &String| {
+        if prefix.contains('/') {
+            // A source path: for frames named without their module path (inlined frames
+            // with line-tables-only debug info).
+            frame
+                .file
+                .as_deref()
+                .is_some_and(|file| file.contains(prefix.as_str()))
+        } else {
+            has_prefix(path, prefix) || has_prefix(&frame.function, prefix)
+        }
+    };
+    if library_prefixes.iter().any(marked) {
         return false;
     }
     if let Some(file) = &frame.file {
@@ -351,6 +360,9 @@ mod tests {
         let culprit = found(find(&axum_stack(), &["app::d".to_owned()]));
         assert_eq!(culprit.function, "app::db::legacy_lookup");
         let culprit = found(find(&axum_stack(), &["app::db::".to_owned()]));
+        assert_eq!(culprit.function, "app::handlers::users");
+        // A source path, for frames named without their module path.
+        let culprit = found(find(&axum_stack(), &["app/src/db.rs".to_owned()]));
         assert_eq!(culprit.function, "app::handlers::users");
     }
 
