@@ -100,7 +100,7 @@ static TABLES: Mutex<Vec<(String, Option<Arc<SymbolTable>>)>> = Mutex::new(Vec::
 ///
 /// Reads the object's `.symtab` once (a few milliseconds to tens of milliseconds for a
 /// large binary, on the symbolizer thread), then answers with a binary search.
-fn full_name(addr: usize, short: &str) -> Option<String> {
+pub(in crate::stack) fn full_name(addr: usize, short: &str) -> Option<String> {
     let (path, base) = object_of(addr)?;
     let table = {
         let mut tables = TABLES.lock().unwrap_or_else(PoisonError::into_inner);
