@@ -553,15 +553,15 @@ fn culprit(report: &StallReport) -> Vec<String> {
     }
     match report.stack.frames() {
         Some(frames) => {
-            // The top frames, down to the first one in this crate's code at least: by its
-            // file, or by its function's path when the line belongs to code inlined into it
-            // (a spinning handler interrupted inside `u64::wrapping_add` names core's file).
-            let ours = frames.iter().position(|frame| {
-                frame
-                    .file
-                    .as_deref()
-                    .is_some_and(|file| file.starts_with(env!("CARGO_MANIFEST_DIR")))
-                    || frame.function.starts_with(concat!(module_path!(), "::"))
+            // The top frames, down to the culprit frame at least: the first one of the
+            // application's own code, as looplag tells it (`report.culprit`).
+            let culprit = report.culprit.frame();
+            let ours = culprit.and_then(|culprit| {
+                frames.iter().position(|frame| {
+                    frame.address == culprit.address
+                        && frame.file == culprit.file
+                        && frame.line == culprit.line
+                })
             });
             let shown = ours.map_or(STACK_FRAMES, |i| (i + 1).max(STACK_FRAMES));
             for (index, frame) in frames.iter().take(shown).enumerate() {
@@ -579,6 +579,9 @@ fn culprit(report: &StallReport) -> Vec<String> {
             }
             if frames.len() > shown {
                 lines.push(format!("    ... {} more frames", frames.len() - shown));
+            }
+            if culprit.is_none() {
+                lines.push(format!("culprit: {}", report.culprit.status()));
             }
         }
         None => lines.push(format!("stack: {}", report.stack.status())),

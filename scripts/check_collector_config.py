@@ -401,7 +401,7 @@ MISTAKES = [
     ("collector/alerts.yml", "rate(tokio_eventloop_delay_seconds_bucket[1m])",
      "rate(tokio_eventloop_delay_second_bucket[1m])", "tokio_eventloop_delay_second_bucket"),
     ("collector/alerts.yml", "sum by (job, instance, tokio_runtime_name, le)",
-     "sum by (job, instance, tokio_runtime_name, code_function_name, le)", "label code_function_name"),
+     "sum by (job, instance, tokio_runtime_name, code_function, le)", "label code_function"),
     ("collector/alerts.yml", "{{ $labels.tokio_runtime_name }} of {{ $labels.job }}: a stall",
      "{{ $labels.tokio_runtime_nam }} of {{ $labels.job }}: a stall", "tokio_runtime_nam"),
     ("collector/alerts.yml", '{le=~"1(\\\\.0)?"}', '{le="0.3"}', 'le="0.3"'),

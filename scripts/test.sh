@@ -40,6 +40,12 @@ cargo test --doc --quiet
 step "stacks in a release build (debug = \"line-tables-only\") still name the culprit"
 cargo nextest run --release --no-fail-fast --test stacks
 
+step "stacks in a release build without line tables: the culprit by crate name, or \"not found\""
+# Only looplag and this test rebuild (about 30 s): the dependencies keep their artifacts.
+LOOPLAG_TEST_NO_LINE_TABLES=1 cargo nextest run --release --no-fail-fast --test stacks \
+    --config 'profile.release.package.looplag.debug=false' \
+    -E 'test(with_or_without_line_tables_the_culprit_is_named) | test(a_stack_of_library_code_only_says_it_has_no_culprit)'
+
 step "the demo, as a newcomer runs it (cargo run --example demo: 15 s, drives its own traffic)"
 cargo build --quiet --example demo
 ./scripts/check_demo.sh target/debug/examples/demo

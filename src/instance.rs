@@ -137,6 +137,18 @@ impl LoopLag {
         self.inner.config.span_level
     }
 
+    /// The function path prefixes treated as library code, see
+    /// [`Builder::library_prefixes`].
+    pub fn library_prefixes(&self) -> &[String] {
+        &self.inner.config.library_prefixes
+    }
+
+    /// The bound on distinct culprit function names on the metrics, see
+    /// [`Builder::max_culprit_functions`].
+    pub fn max_culprit_functions(&self) -> usize {
+        self.inner.config.max_culprit_functions
+    }
+
     /// The `tracing` layer to add to the subscriber: [`LoopLagLayer`] behind its per-layer
     /// [`SpanFilter`].
     ///

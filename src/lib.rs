@@ -69,9 +69,9 @@ mod victims;
 mod watchdog;
 
 pub use config::{
-    Builder, DEFAULT_MAX_STACKS_PER_MINUTE, DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS,
-    DEFAULT_RUNTIME_NAME, DEFAULT_SAMPLE_INTERVAL, DEFAULT_SPAN_LEVEL, DEFAULT_STACK_SIGNAL,
-    DEFAULT_STALL_THRESHOLD,
+    Builder, DEFAULT_MAX_CULPRIT_FUNCTIONS, DEFAULT_MAX_STACKS_PER_MINUTE,
+    DEFAULT_MAX_STALL_LOGS_PER_SECOND, DEFAULT_MAX_VICTIMS, DEFAULT_RUNTIME_NAME,
+    DEFAULT_SAMPLE_INTERVAL, DEFAULT_SPAN_LEVEL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
 pub use entry::{__private, layer};
@@ -80,4 +80,4 @@ pub use instance::{LoopLag, Watchdog};
 pub use layer::{LoopLagLayer, SpanFilter};
 #[cfg(feature = "macros")]
 pub use looplag_macros::main;
-pub use report::{StackCapture, StackFrame, StallReport, StallState};
+pub use report::{Culprit, StackCapture, StackFrame, StallReport, StallState};

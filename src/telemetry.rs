@@ -23,7 +23,8 @@ const STALLS_DESCRIPTION: &str =
     "Stalls detected: a runtime worker busy in one poll for at least the stall threshold";
 const STALLS_UNIT: &str = "{stall}";
 
-/// Histogram `s`: blocked time of each ended stall.
+/// Histogram `s`: blocked time of each ended stall, recorded when the stall ends and its
+/// culprit frame is known (the stack's symbols may arrive a moment after the end).
 pub(crate) const STALL_DURATION: &str = "tokio.eventloop.stall.duration";
 const STALL_DURATION_DESCRIPTION: &str = "Blocked time of each ended stall";
 
@@ -45,10 +46,25 @@ pub(crate) const THREAD_NAME: &str = "thread.name";
 pub(crate) const CODE_STACKTRACE: &str = "code.stacktrace";
 /// Attribute: id of the blocked task (int), when known.
 pub(crate) const TASK_ID: &str = "tokio.task.id";
-/// Attribute: file of the blocked task's spawn location, when known.
+/// Attribute (stall span, stall duration histogram): the culprit frame's function, fully
+/// qualified, without `::{{closure}}` suffixes. On the histogram, bounded per instance
+/// (`max_culprit_functions`, then [`CULPRIT_OTHER`]), and [`CULPRIT_UNKNOWN`] without one.
+pub(crate) const CODE_FUNCTION_NAME: &str = "code.function.name";
+/// Stall span attribute: source file of the culprit frame, when debug info has it.
 pub(crate) const CODE_FILE_PATH: &str = "code.file.path";
-/// Attribute: line of the blocked task's spawn location (int), when known.
+/// Stall span attribute: source line of the culprit frame (int), when debug info has it.
 pub(crate) const CODE_LINE_NUMBER: &str = "code.line.number";
+/// `code.function.name` on the histogram for a stall without a culprit frame.
+pub(crate) const CULPRIT_UNKNOWN: &str = "unknown";
+/// `code.function.name` on the histogram past `max_culprit_functions` distinct names.
+pub(crate) const CULPRIT_OTHER: &str = "other";
+/// Stall span attribute: `not_found` when a stack was captured but none of its frames is
+/// the application's (only set then; without a stack, `stack_status` says why).
+pub(crate) const CULPRIT_STATUS: &str = "tokio.eventloop.stall.culprit_status";
+/// Attribute: file of the blocked task's spawn location, when known (`tokio_unstable`).
+pub(crate) const TASK_SPAWN_FILE: &str = "tokio.task.spawn.file";
+/// Attribute: line of the blocked task's spawn location (int), when known (`tokio_unstable`).
+pub(crate) const TASK_SPAWN_LINE: &str = "tokio.task.spawn.line";
 /// Attribute: tokio worker index of the blocked worker (int), when known.
 pub(crate) const WORKER_INDEX: &str = "tokio.worker.index";
 /// Attribute: `true` when start and end were taken at poll boundaries, `false` when they
@@ -246,14 +262,18 @@ mod tests {
 
     /// Attribute names of the stall span and the victim event. The metrics' attributes (as
     /// labels) come from the exported data points instead.
-    const SPAN_ATTRIBUTES: [&str; 18] = [
+    const SPAN_ATTRIBUTES: [&str; 22] = [
         RUNTIME_NAME,
         THREAD_ID,
         THREAD_NAME,
         CODE_STACKTRACE,
         TASK_ID,
+        TASK_SPAWN_FILE,
+        TASK_SPAWN_LINE,
+        CODE_FUNCTION_NAME,
         CODE_FILE_PATH,
         CODE_LINE_NUMBER,
+        CULPRIT_STATUS,
         WORKER_INDEX,
         STALL_EXACT,
         STALL_KIND,
@@ -337,6 +357,9 @@ mod tests {
             let mut attributes = instruments.attributes.to_vec();
             attributes.push(KeyValue::new(STALL_KIND, kind.as_str()));
             instruments.stalls.add(1, &attributes);
+            // The duration histogram also carries the culprit's function (bounded, open-ended
+            // values: no `values` line).
+            attributes.push(KeyValue::new(CODE_FUNCTION_NAME, "app::handler"));
             instruments.stall_duration.record(1.0, &attributes);
         }
         provider.force_flush().expect("flush metrics");

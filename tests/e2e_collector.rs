@@ -152,9 +152,12 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
         stall.attr("thread.id").and_then(|a| a.int()).is_some(),
         "thread.id is an Int: {stall:#?}"
     );
-    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+    let culprit = if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
         check_diagnosis(stall, "app::block");
-    }
+        Some(check_culprit(stall, report))
+    } else {
+        None
+    };
     let duration = stall.duration();
     assert!(
         duration >= Duration::from_millis(300)
@@ -245,6 +248,13 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
         ("Histogram", "s")
     );
     assert_eq!(stall_hist.count, Some(1));
+    if let Some(culprit) = &culprit {
+        assert_eq!(
+            rotel::attr(&stall_hist.attributes, "code.function.name").map(|a| a.text()),
+            Some(culprit.as_str()),
+            "the duration histogram carries the culprit's function: {stall_hist:#?}"
+        );
+    }
     let max = stall_hist.max.expect("Max");
     assert!(
         (max - duration.as_secs_f64()).abs() < 1e-3,
@@ -289,6 +299,41 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
 
 /// The stall diagnosis (Linux) crossed the collector intact: the kind, the system call, and
 /// the multi-line `code.stacktrace`, whose frames include `culprit`.
+/// The culprit frame on the exported stall span: the `/block` handler's own code (an
+/// `async fn`, named without its `{{closure}}`), with file and line, as in the report.
+/// Returns its `code.function.name`.
+fn check_culprit(stall: &Span, report: &StallReport) -> String {
+    let function = stall
+        .attr("code.function.name")
+        .map(|a| a.text().to_owned())
+        .unwrap_or_else(|| panic!("code.function.name on the stall span: {stall:#?}"));
+    assert!(
+        function.ends_with("::app::block"),
+        "the culprit is the /block handler: {function}"
+    );
+    let frame = report
+        .culprit
+        .frame()
+        .expect("the report names the culprit");
+    assert_eq!(frame.function, function);
+    assert_eq!(
+        stall.attr("code.file.path").map(|a| a.text()),
+        frame.file.as_deref()
+    );
+    assert!(
+        frame
+            .file
+            .as_deref()
+            .is_some_and(|f| f.ends_with("demo/app.rs")),
+        "{frame:?}"
+    );
+    assert_eq!(
+        stall.attr("code.line.number").and_then(|a| a.int()),
+        frame.line.map(i64::from)
+    );
+    function
+}
+
 fn check_diagnosis(stall: &Span, culprit: &str) {
     assert_eq!(
         stall.attr("tokio.eventloop.stall.kind").map(|a| a.text()),

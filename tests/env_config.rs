@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use looplag::{Error, LoopLag};
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 10] = [
     "LOOPLAG_RUNTIME_NAME",
     "LOOPLAG_SAMPLE_INTERVAL",
     "LOOPLAG_STALL_THRESHOLD",
@@ -19,6 +19,8 @@ const ALL: [&str; 8] = [
     "LOOPLAG_CAPTURE_STACKS",
     "LOOPLAG_STACK_SIGNAL",
     "LOOPLAG_MAX_STACKS_PER_MINUTE",
+    "LOOPLAG_LIBRARY_PREFIXES",
+    "LOOPLAG_MAX_CULPRIT_FUNCTIONS",
 ];
 
 const DURATION_FORM: &str =
@@ -426,6 +428,67 @@ fn max_stacks_per_minute_good_and_bad() {
             "LOOPLAG_MAX_STACKS_PER_MINUTE".to_string(),
             "\"6001\"".to_string(),
             "a count from 0 to 6000".to_string()
+        )
+    );
+}
+
+#[test]
+fn library_prefixes_good_and_bad() {
+    set_env(&[]);
+    assert!(from_env().unwrap().library_prefixes().is_empty());
+    set_env(&[("LOOPLAG_LIBRARY_PREFIXES", "my_sdk,app::db,src/vendor/")]);
+    assert_eq!(
+        from_env().unwrap().library_prefixes(),
+        ["my_sdk", "app::db", "src/vendor/"]
+    );
+    // An explicit call wins.
+    let looplag = LoopLag::builder()
+        .library_prefixes(["app::pool"])
+        .from_env()
+        .build()
+        .unwrap();
+    assert_eq!(looplag.library_prefixes(), ["app::pool"]);
+    for bad in ["a,,b", "a, b", "a,", ",a"] {
+        set_env(&[("LOOPLAG_LIBRARY_PREFIXES", bad)]);
+        let (setting, value, accepted) = invalid(from_env());
+        assert_eq!(setting, "LOOPLAG_LIBRARY_PREFIXES");
+        assert_eq!(value, format!("{bad:?}"));
+        assert!(accepted.contains("at most 100 prefixes"), "{accepted}");
+    }
+    set_env(&[]);
+    let (setting, _, _) = invalid(LoopLag::builder().library_prefixes([""]).build());
+    assert_eq!(setting, "library_prefixes");
+    let many: Vec<String> = (0..101).map(|i| format!("crate{i}")).collect();
+    let (setting, _, _) = invalid(LoopLag::builder().library_prefixes(many).build());
+    assert_eq!(setting, "library_prefixes");
+}
+
+#[test]
+fn max_culprit_functions_good_and_bad() {
+    set_env(&[]);
+    assert_eq!(from_env().unwrap().max_culprit_functions(), 100);
+    for (text, expected) in [("0", 0), ("1", 1), ("10000", 10000)] {
+        set_env(&[("LOOPLAG_MAX_CULPRIT_FUNCTIONS", text)]);
+        assert_eq!(from_env().unwrap().max_culprit_functions(), expected);
+    }
+    for bad in ["-1", "ten", "1.5"] {
+        set_env(&[("LOOPLAG_MAX_CULPRIT_FUNCTIONS", bad)]);
+        assert_eq!(
+            invalid(from_env()),
+            (
+                "LOOPLAG_MAX_CULPRIT_FUNCTIONS".to_string(),
+                format!("{bad:?}"),
+                COUNT_FORM.to_string()
+            )
+        );
+    }
+    set_env(&[("LOOPLAG_MAX_CULPRIT_FUNCTIONS", "10001")]);
+    assert_eq!(
+        invalid(from_env()),
+        (
+            "LOOPLAG_MAX_CULPRIT_FUNCTIONS".to_string(),
+            "\"10001\"".to_string(),
+            "a count from 0 to 10000".to_string()
         )
     );
 }

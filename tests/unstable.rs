@@ -1,5 +1,6 @@
 //! With `--cfg tokio_unstable`, tokio's task poll hooks give every poll exact boundaries,
-//! and stall spans carry the task id and spawn location. (This file has tests only in the
+//! and stall spans carry the task id and spawn location (`tokio.task.spawn.*`; `code.*` is
+//! the culprit frame). (This file has tests only in the
 //! `tokio_unstable` build, which `scripts/test.sh` runs.)
 #![cfg(tokio_unstable)]
 
@@ -35,13 +36,24 @@ fn uninstrumented_stall_is_exact_with_task_id_and_spawn_location() {
     );
     assert!(matches!(attr(stall, "tokio.task.id"), Some(Value::I64(id)) if id > 0));
     assert_eq!(
-        attr(stall, "code.file.path"),
+        attr(stall, "tokio.task.spawn.file"),
         Some(Value::from(file!().to_string()))
     );
     assert_eq!(
-        attr(stall, "code.line.number"),
+        attr(stall, "tokio.task.spawn.line"),
         Some(Value::I64(i64::from(spawn_line)))
     );
+    // `code.*` describes the blocking code: the task's async block, on the same line here.
+    assert_eq!(
+        attr(stall, "code.function.name"),
+        Some(Value::from(
+            "unstable::uninstrumented_stall_is_exact_with_task_id_and_spawn_location"
+        ))
+    );
+    let Some(Value::String(file)) = attr(stall, "code.file.path") else {
+        panic!("code.file.path: {stall:#?}");
+    };
+    assert!(file.as_str().ends_with(file!()), "{file}");
     let report = &h.ended_reports()[0];
     assert!(report.task_id.is_some());
     assert_eq!(report.spawn_location.map(|l| l.line()), Some(spawn_line));

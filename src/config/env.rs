@@ -16,6 +16,9 @@ pub(crate) const DURATION_FORM: &str =
 pub(crate) const COUNT_FORM: &str = "a whole number written with digits only (e.g. 1000)";
 /// The form a level variable must have.
 pub(crate) const LEVEL_FORM: &str = "`trace`, `debug`, `info`, `warn` or `error`";
+/// The form a list variable must have.
+pub(crate) const LIST_FORM: &str =
+    "comma-separated items without spaces (e.g. my_sdk,app::db); an empty item is an error";
 /// The form a boolean variable must have.
 pub(crate) const BOOL_FORM: &str = "`true` or `false`";
 
@@ -56,6 +59,15 @@ pub(crate) fn parse_level(text: &str) -> Option<tracing::Level> {
         "error" => Some(tracing::Level::ERROR),
         _ => None,
     }
+}
+
+/// Splits a comma-separated list; items are kept as written (validation rejects empty ones
+/// and whitespace). The empty text is the empty list.
+pub(crate) fn parse_list(text: &str) -> Vec<String> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    text.split(',').map(str::to_owned).collect()
 }
 
 /// Parses a count written with ASCII digits only.
@@ -124,6 +136,15 @@ mod tests {
         for bad in ["", "INFO", "Info", " info", "info ", "warning", "off", "3"] {
             assert_eq!(parse_level(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn lists_split_on_commas_and_keep_empty_items_for_validation() {
+        assert_eq!(parse_list("my_sdk,app::db"), vec!["my_sdk", "app::db"]);
+        assert_eq!(parse_list("one"), vec!["one"]);
+        assert_eq!(parse_list("a,,b"), vec!["a", "", "b"]);
+        assert_eq!(parse_list("a, b"), vec!["a", " b"]);
+        assert!(parse_list("").is_empty());
     }
 
     #[test]

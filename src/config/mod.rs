@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_STALL_LOGS_PER_SECOND: u32 = 10;
 /// Default [`Builder::span_level`]: `DEBUG`, the level of tower-http's `TraceLayer` request
 /// spans.
 pub const DEFAULT_SPAN_LEVEL: tracing::Level = tracing::Level::DEBUG;
+/// Default [`Builder::max_culprit_functions`]: 100 distinct function names per instance.
+pub const DEFAULT_MAX_CULPRIT_FUNCTIONS: usize = 100;
 
 pub(crate) use crate::report::log::StallCallback;
 
@@ -100,6 +102,9 @@ pub(crate) struct Config {
     pub(crate) stack_signal: i32,
     pub(crate) max_stacks_per_minute: u32,
     pub(crate) span_level: tracing::Level,
+    /// Function path prefixes of code that is never the culprit frame.
+    pub(crate) library_prefixes: Arc<[String]>,
+    pub(crate) max_culprit_functions: usize,
 }
 
 /// A setting's value with what an error about it must say: the setting's name (builder
@@ -243,6 +248,48 @@ impl Builder {
         self.with(Id::SpanLevel, Value::Level(level))
     }
 
+    /// Sets function path prefixes of code that looplag treats as library code, besides the
+    /// standard library, tokio and the crates between: such a frame is never a stall's
+    /// culprit, its caller is.
+    ///
+    /// The culprit frame (`code.function.name` on the stall span and the duration
+    /// histogram, the first line of the stall log) is the first frame of the blocked thread's
+    /// stack that belongs to the application. Use this for the application's own wrappers
+    /// (a database client, an SDK) so that the code calling them is named instead. A prefix
+    /// is a Rust path and matches on a path boundary: `app::db` covers `app::db`,
+    /// `app::db::query` and `<app::db::Pool as Drop>::drop`, not `app::dbx`. A prefix with a
+    /// `/` matches the frame's source file instead (`src/db/`, `vendor/sdk/`): with
+    /// `debug = "line-tables-only"`, frames of inlined functions carry only their short name
+    /// (`query`), never a path to match.
+    ///
+    /// Accepted: at most 100 prefixes of 1 to 256 characters, without whitespace, control
+    /// characters or commas. Environment: `LOOPLAG_LIBRARY_PREFIXES`, comma-separated
+    /// (`my_sdk,app::db`). By default, none.
+    pub fn library_prefixes<I, S>(self, prefixes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let prefixes = prefixes.into_iter().map(Into::into).collect();
+        self.with(Id::LibraryPrefixes, Value::List(prefixes))
+    }
+
+    /// Sets how many distinct culprit function names one instance puts on the
+    /// `tokio.eventloop.stall.duration` histogram (attribute `code.function.name`).
+    ///
+    /// The first `max` distinct functions keep their name; later new ones share the value
+    /// `other`, so that a process cannot grow its metric series without bound. Stalls
+    /// without a culprit (no stack: rate limited, unsupported platform; or no application
+    /// frame in it) carry `unknown`. Stall spans and logs always name the function. `0`
+    /// gives every culprit the value `other`. Accepted: 0 to 10 000. Environment:
+    /// `LOOPLAG_MAX_CULPRIT_FUNCTIONS`. By default, 100.
+    pub fn max_culprit_functions(self, max: usize) -> Self {
+        self.with(
+            Id::MaxCulpritFunctions,
+            Value::Count(u64::try_from(max).unwrap_or(u64::MAX)),
+        )
+    }
+
     /// Reads settings from the environment; values set by builder methods still win,
     /// whether they are set before or after this call.
     ///
@@ -256,6 +303,8 @@ impl Builder {
     /// | `LOOPLAG_CAPTURE_STACKS` | [`capture_stacks`](Builder::capture_stacks) | `true` or `false` |
     /// | `LOOPLAG_STACK_SIGNAL` | [`stack_signal`](Builder::stack_signal) | count |
     /// | `LOOPLAG_MAX_STACKS_PER_MINUTE` | [`max_stacks_per_minute`](Builder::max_stacks_per_minute) | count |
+    /// | `LOOPLAG_LIBRARY_PREFIXES` | [`library_prefixes`](Builder::library_prefixes) | comma-separated paths |
+    /// | `LOOPLAG_MAX_CULPRIT_FUNCTIONS` | [`max_culprit_functions`](Builder::max_culprit_functions) | count |
     /// | `LOOPLAG_SPAN_LEVEL` | [`span_level`](Builder::span_level) | `trace`, `debug`, `info`, `warn` or `error` |
     ///
     /// A duration is a whole number and a unit, `us`, `ms` or `s`, with no space: `250us`,
@@ -444,6 +493,12 @@ impl Builder {
                 Some(Value::Level(level)) => *level,
                 _ => DEFAULT_SPAN_LEVEL,
             },
+            library_prefixes: match value(Id::LibraryPrefixes) {
+                Some(Value::List(prefixes)) => prefixes.clone().into(),
+                _ => Arc::from(Vec::new()),
+            },
+            max_culprit_functions: usize::try_from(count(Id::MaxCulpritFunctions))
+                .unwrap_or(usize::MAX),
         })
     }
 }

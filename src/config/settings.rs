@@ -27,6 +27,8 @@ pub(crate) enum Kind {
     Signal,
     /// A level name in lower case.
     Level,
+    /// Comma-separated items.
+    List,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Count | Kind::Signal => env::COUNT_FORM,
             Kind::Bool => env::BOOL_FORM,
             Kind::Level => env::LEVEL_FORM,
+            Kind::List => env::LIST_FORM,
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
                 .and_then(|n| i32::try_from(n).ok())
                 .map(Value::Signal),
             Kind::Level => env::parse_level(text).map(Value::Level),
+            Kind::List => Some(Value::List(env::parse_list(text))),
         }
     }
 }
@@ -67,6 +71,9 @@ pub(crate) enum Range {
     DurationFrom { setting: Id, max: Duration },
     /// A count up to `max`.
     Count { max: u64 },
+    /// At most `max_items` items of 1 to `max_chars` characters, without whitespace,
+    /// control characters or commas.
+    List { max_items: usize, max_chars: usize },
     /// Any value of the kind (checked elsewhere, as the stack signal is when its handler is
     /// installed).
     Any,
@@ -103,10 +110,12 @@ pub(crate) enum Id {
     StackSignal,
     MaxStacksPerMinute,
     SpanLevel,
+    LibraryPrefixes,
+    MaxCulpritFunctions,
 }
 
 /// Number of settings.
-pub(crate) const COUNT: usize = 9;
+pub(crate) const COUNT: usize = 11;
 
 /// Every [`Id`], in table order.
 pub(crate) const ID_ORDER: [Id; COUNT] = [
@@ -119,6 +128,8 @@ pub(crate) const ID_ORDER: [Id; COUNT] = [
     Id::StackSignal,
     Id::MaxStacksPerMinute,
     Id::SpanLevel,
+    Id::LibraryPrefixes,
+    Id::MaxCulpritFunctions,
 ];
 
 /// The table, in [`Id`] order (checked by a test). Ranges that refer to another setting
@@ -211,6 +222,28 @@ pub(crate) const SETTINGS: [Setting; COUNT] = [
         accepted: "`trace`, `debug`, `info`, `warn` or `error`",
         note: "spans at or above it exist for looplag",
     },
+    Setting {
+        method: "library_prefixes",
+        variable: "LOOPLAG_LIBRARY_PREFIXES",
+        kind: Kind::List,
+        default: "",
+        range: Range::List {
+            max_items: 100,
+            max_chars: 256,
+        },
+        accepted: "at most 100 prefixes of 1 to 256 characters, without whitespace, control \
+                   characters or commas",
+        note: "comma-separated; a Rust path, or a source path with a `/`",
+    },
+    Setting {
+        method: "max_culprit_functions",
+        variable: "LOOPLAG_MAX_CULPRIT_FUNCTIONS",
+        kind: Kind::Count,
+        default: "100",
+        range: Range::Count { max: 10_000 },
+        accepted: "a count from 0 to 10000",
+        note: "distinct `code.function.name` values on the duration histogram; more share `other`",
+    },
 ];
 
 /// What [`Id::StackSignal`] accepts (checked when its handler is installed).
@@ -233,6 +266,7 @@ pub(crate) enum Value {
     Bool(bool),
     Signal(i32),
     Level(tracing::Level),
+    List(Vec<String>),
 }
 
 impl Value {
@@ -245,6 +279,7 @@ impl Value {
             Value::Bool(flag) => flag.to_string(),
             Value::Signal(signal) => signal.to_string(),
             Value::Level(level) => level.to_string(),
+            Value::List(items) => format!("{items:?}"),
         }
     }
 
@@ -261,6 +296,22 @@ impl Value {
                 earlier(setting).is_some_and(|min| (min..=max).contains(d))
             }
             (Range::Count { max }, Value::Count(n)) => *n <= max,
+            (
+                Range::List {
+                    max_items,
+                    max_chars,
+                },
+                Value::List(items),
+            ) => {
+                items.len() <= max_items
+                    && items.iter().all(|item| {
+                        !item.is_empty()
+                            && item.chars().count() <= max_chars
+                            && !item
+                                .chars()
+                                .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+                    })
+            }
             (Range::Any, _) => true,
             _ => false,
         }
@@ -306,9 +357,14 @@ pub(crate) fn readme_table() -> String {
         } else {
             format!(" ({})", setting.note)
         };
+        let default = if setting.default.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{}`", setting.default)
+        };
         table.push_str(&format!(
-            "| `{}` | `{}` | `{}` | {}{} |\n",
-            setting.variable, setting.method, setting.default, setting.accepted, note
+            "| `{}` | `{}` | {} | {}{} |\n",
+            setting.variable, setting.method, default, setting.accepted, note
         ));
     }
     table
@@ -367,6 +423,13 @@ mod tests {
             )))
         );
         assert_eq!(parsed(Id::CaptureStacks), Some(Value::Bool(true)));
+        assert_eq!(parsed(Id::LibraryPrefixes), Some(Value::List(Vec::new())));
+        assert_eq!(
+            parsed(Id::MaxCulpritFunctions),
+            Some(Value::Count(
+                crate::config::DEFAULT_MAX_CULPRIT_FUNCTIONS as u64
+            ))
+        );
         assert_eq!(
             parsed(Id::SpanLevel),
             Some(Value::Level(crate::config::DEFAULT_SPAN_LEVEL))

@@ -90,6 +90,48 @@ impl StackCapture {
     }
 }
 
+/// The culprit of a stall: the first frame of the blocked thread's stack that belongs to the
+/// application rather than to the standard library, tokio or the crates between (futures,
+/// hyper, axum, tower, tonic, …), or why there is none.
+///
+/// Frames are told apart by their source file (the cargo registry and the Rust sources are
+/// library code, the rest is the application's), by their crate name when the binary has no
+/// line tables, and by [`library_prefixes`](crate::Builder::library_prefixes). When no frame
+/// qualifies, looplag says so rather than guess.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Culprit {
+    /// The first application frame, innermost first. Its `function` is the fully qualified
+    /// path without `::{{closure}}` suffixes (`app::db::legacy_lookup`, also for the body of
+    /// an `async fn`); `file` and `line` are those of the frame.
+    Found(StackFrame),
+    /// A stack was captured, but none of its frames could be told to be the application's:
+    /// every frame is library code (or a function the settings mark as such).
+    NotFound,
+    /// No stack, so no culprit: see [`StallReport::stack`] for why (rate limited,
+    /// unsupported platform, still being symbolized, …).
+    NoStack,
+}
+
+impl Culprit {
+    /// The culprit frame, when one was found.
+    pub fn frame(&self) -> Option<&StackFrame> {
+        match self {
+            Culprit::Found(frame) => Some(frame),
+            _ => None,
+        }
+    }
+
+    /// A short machine-readable status: `found`, `not_found` or `no_stack`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Culprit::Found(_) => "found",
+            Culprit::NotFound => "not_found",
+            Culprit::NoStack => "no_stack",
+        }
+    }
+}
+
 /// How many stack frames the one-line summary (and the WARN log) shows.
 const TOP_FRAMES: usize = 8;
 
@@ -162,6 +204,8 @@ pub struct StallReport {
     pub syscall: Option<&'static str>,
     /// The blocked thread's stack, taken once when the stall was detected.
     pub stack: StackCapture,
+    /// The application frame the thread was blocked in, found in [`stack`](Self::stack).
+    pub culprit: Culprit,
     /// Number of waiting request spans that got the victim event (ended stalls only).
     pub victims: usize,
     /// Number of waiting request spans over the [`max_victims`](crate::Builder::max_victims)
@@ -175,6 +219,22 @@ impl fmt::Display for StallReport {
             StallState::InProgress => "has been blocked for",
             StallState::Ended => "was blocked for",
         };
+        match &self.culprit {
+            Culprit::Found(frame) => {
+                write!(f, "blocked in `{}`", frame.function)?;
+                match (&frame.file, frame.line) {
+                    (Some(file), Some(line)) => write!(f, " at {file}:{line}")?,
+                    (Some(file), None) => write!(f, " at {file}")?,
+                    (None, _) => {}
+                }
+                write!(f, ": ")?;
+            }
+            Culprit::NotFound => write!(
+                f,
+                "blocked in library code only (no application frame in the stack): "
+            )?,
+            Culprit::NoStack => {}
+        }
         write!(
             f,
             "runtime `{}` {verb} {:.1} ms",

@@ -2,9 +2,10 @@
 //! capture and symbolizer threads (see `symbolizer`), so that taking a stack never delays a
 //! report.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::symbolizer::Symbolizer;
+use super::symbolizer::{Symbolized, Symbolizer};
 use super::{StackSupport, ThreadTarget};
 use crate::report::StackCapture;
 
@@ -18,14 +19,22 @@ pub(crate) struct Capturer {
     budget: StackBudget,
     /// Started at the first stack asked for: no thread while nothing stalls.
     symbolizer: Option<Symbolizer>,
+    /// Function path prefixes of library code, for the culprit frame.
+    library_prefixes: Arc<[String]>,
 }
 
 impl Capturer {
-    pub(crate) fn new(support: StackSupport, per_minute: u32, now: Instant) -> Self {
+    pub(crate) fn new(
+        support: StackSupport,
+        per_minute: u32,
+        library_prefixes: Arc<[String]>,
+        now: Instant,
+    ) -> Self {
         Capturer {
             support,
             budget: StackBudget::new(per_minute, now),
             symbolizer: None,
+            library_prefixes,
         }
     }
 
@@ -35,27 +44,29 @@ impl Capturer {
     /// stack will come. The capture thread signals the blocked thread microseconds later,
     /// while it is still blocked; a thread that cannot take the signal costs that thread
     /// the capture timeout, never the watchdog.
-    pub(crate) fn capture(&mut self, id: u64, target: &ThreadTarget, now: Instant) -> StackCapture {
+    pub(crate) fn capture(&mut self, id: u64, target: &ThreadTarget, now: Instant) -> Symbolized {
+        let no_stack = Symbolized::without_frames;
         match self.support {
-            StackSupport::Disabled => return StackCapture::Disabled,
-            StackSupport::Unsupported => return StackCapture::Unsupported,
+            StackSupport::Disabled => return no_stack(StackCapture::Disabled),
+            StackSupport::Unsupported => return no_stack(StackCapture::Unsupported),
             StackSupport::Enabled => {}
         }
         if !self.budget.take(now) {
             let suppressed = self.budget.suppressed;
-            return StackCapture::RateLimited { suppressed };
+            return no_stack(StackCapture::RateLimited { suppressed });
         }
+        let prefixes = &self.library_prefixes;
         let symbolizer = self
             .symbolizer
-            .get_or_insert_with(|| Symbolizer::start(CAPTURE_TIMEOUT));
+            .get_or_insert_with(|| Symbolizer::start(CAPTURE_TIMEOUT, Arc::clone(prefixes)));
         match symbolizer.request(id, target) {
-            Ok(()) => StackCapture::Symbolizing,
-            Err(why) => why,
+            Ok(()) => no_stack(StackCapture::Symbolizing),
+            Err(why) => no_stack(why),
         }
     }
 
     /// The stacks taken and symbolized (or failed) since the last call, by stall id.
-    pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
+    pub(crate) fn ready(&mut self) -> Vec<(u64, Symbolized)> {
         match &mut self.symbolizer {
             Some(symbolizer) => symbolizer.ready(),
             None => Vec::new(),

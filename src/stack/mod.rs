@@ -413,6 +413,7 @@ pub(crate) fn format_stacktrace(frames: &[StackFrame]) -> String {
 
 // The platform implementation, as `imp`: the same items on every platform.
 pub(crate) mod capture;
+pub(crate) mod culprit;
 pub(crate) mod symbolizer;
 
 /// Whether stall stacks can be captured, decided at `build()`.

@@ -15,10 +15,28 @@
 //! queue, which the watchdog drains on every tick ([`ready`](Symbolizer::ready)).
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::report::{StackCapture, StackFrame};
+use crate::report::{Culprit, StackCapture, StackFrame};
 use crate::stack::{RawStack, ThreadTarget};
+
+/// A stack with its culprit frame, as the symbolizer thread hands it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Symbolized {
+    pub(crate) stack: StackCapture,
+    pub(crate) culprit: Culprit,
+}
+
+impl Symbolized {
+    /// No frames (yet): `stack` says why.
+    pub(crate) fn without_frames(stack: StackCapture) -> Self {
+        Symbolized {
+            stack,
+            culprit: Culprit::NoStack,
+        }
+    }
+}
 
 /// Stacks waiting to be taken, or symbolized, at most; more are reported as failed captures.
 const QUEUE: usize = 64;
@@ -27,7 +45,7 @@ const QUEUE: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Symbolizer {
     requests: Option<SyncSender<(u64, ThreadTarget)>>,
-    results: Option<Receiver<(u64, StackCapture)>>,
+    results: Option<Receiver<(u64, Symbolized)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -46,9 +64,10 @@ impl Drop for Symbolizer {
 }
 
 impl Symbolizer {
-    /// Starts both threads; the symbolizer first loads the symbols of the running binary.
-    /// A capture waits at most `capture_timeout` for the blocked thread's handler.
-    pub(crate) fn start(capture_timeout: Duration) -> Self {
+    /// Starts both threads; the symbolizer first loads the symbols of the running binary,
+    /// and finds each stack's culprit with `library_prefixes`. A capture waits at most
+    /// `capture_timeout` for the blocked thread's handler.
+    pub(crate) fn start(capture_timeout: Duration, library_prefixes: Arc<[String]>) -> Self {
         let (request_tx, request_rx) = mpsc::sync_channel::<(u64, ThreadTarget)>(QUEUE);
         let (raw_tx, raw_rx) = mpsc::sync_channel::<(u64, Box<RawStack>)>(QUEUE);
         let (result_tx, result_rx) = mpsc::sync_channel(QUEUE);
@@ -59,7 +78,10 @@ impl Symbolizer {
                 crate::stack::warm_up();
                 // Ends when the capture thread drops its sender.
                 for (id, raw) in raw_rx {
-                    if result_tx.send((id, symbolized(&raw))).is_err() {
+                    if result_tx
+                        .send((id, symbolized(&raw, &library_prefixes)))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -90,7 +112,7 @@ impl Symbolizer {
                     };
                     if let Some(why) = failed {
                         if capture_results
-                            .send((id, StackCapture::Failed(why)))
+                            .send((id, Symbolized::without_frames(StackCapture::Failed(why))))
                             .is_err()
                         {
                             return;
@@ -133,7 +155,7 @@ impl Symbolizer {
     }
 
     /// The stacks taken and symbolized (or failed) since the last call, by stall id.
-    pub(crate) fn ready(&mut self) -> Vec<(u64, StackCapture)> {
+    pub(crate) fn ready(&mut self) -> Vec<(u64, Symbolized)> {
         let mut ready = Vec::new();
         if let Some(results) = &self.results {
             while let Ok(result) = results.try_recv() {
@@ -144,8 +166,9 @@ impl Symbolizer {
     }
 }
 
-/// The frames of `raw`, symbolized, with a marker when outer frames were cut.
-pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
+/// The frames of `raw`, symbolized, with a marker when outer frames were cut, and their
+/// culprit.
+pub(crate) fn symbolized(raw: &RawStack, library_prefixes: &[String]) -> Symbolized {
     let mut frames = crate::stack::symbolize(raw);
     if raw.is_truncated() {
         frames.push(StackFrame {
@@ -155,5 +178,9 @@ pub(crate) fn symbolized(raw: &RawStack) -> StackCapture {
             address: 0,
         });
     }
-    StackCapture::Captured(frames)
+    let culprit = super::culprit::find(&frames, library_prefixes);
+    Symbolized {
+        stack: StackCapture::Captured(frames),
+        culprit,
+    }
 }

@@ -727,6 +727,31 @@ mod linux {
         assert!(position(&frames, UNKNOWN_FUNCTION).is_none(), "{text}");
     }
 
+    #[inline(never)]
+    fn looplag_symtab_probe() -> u64 {
+        black_box(7)
+    }
+
+    #[test]
+    fn the_symbol_table_names_a_function_in_full() {
+        let addr = looplag_symtab_probe as *const () as usize;
+        let started = Instant::now();
+        let name = imp::full_name(addr, "looplag_symtab_probe");
+        let cold = started.elapsed();
+        assert_eq!(
+            name.as_deref(),
+            Some("looplag::stack::tests::linux::looplag_symtab_probe")
+        );
+        let started = Instant::now();
+        let again = imp::full_name(addr, "looplag_symtab_probe");
+        let warm = started.elapsed();
+        assert_eq!(again, name);
+        // A short name that is not the symbol's: the debug info's name is kept.
+        assert_eq!(imp::full_name(addr, "something_else"), None);
+        println!("symbol table: first lookup (reads .symtab) {cold:?}, then {warm:?}");
+        black_box(looplag_symtab_probe());
+    }
+
     #[test]
     fn a_thread_can_capture_itself() {
         installed();

@@ -157,8 +157,13 @@ impl Watch {
             telemetry: Telemetry::new(inner.meter.as_ref(), &inner.config.runtime_name),
             workers: Workers::new(multi_thread, clock::raw()),
             polled: PolledRoots::default(),
-            stalls: Stalls::default(),
-            stacks: Capturer::new(config.stacks, config.max_stacks_per_minute, Instant::now()),
+            stalls: Stalls::new(config.max_culprit_functions),
+            stacks: Capturer::new(
+                config.stacks,
+                config.max_stacks_per_minute,
+                std::sync::Arc::clone(&config.library_prefixes),
+                Instant::now(),
+            ),
             publisher: Publisher::new(
                 config.runtime_name.clone(),
                 config.max_stall_logs_per_second,

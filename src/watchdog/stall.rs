@@ -1,7 +1,8 @@
 //! One stall's life on the watchdog: begin (counter, stall span, diagnosis, stack request,
 //! first report, all at once), the reports each time its duration doubles (with the stack
-//! once it has arrived), and the end (kind, duration histogram, victims, final span
-//! attributes, last report), which waits a moment for the stack when it is still on its way.
+//! once it has arrived), and the end (kind, victims), then, once the stack and its symbols
+//! are there (they may still be on their way at the end), the duration histogram with the
+//! culprit's function, the final span attributes and the last report.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -17,8 +18,10 @@ use crate::diagnose::{Diagnosis, StallKind};
 use crate::hot::epoch;
 use crate::hot::slots::{Flag, PollEnd, Slot};
 use crate::layer::{SpanAccess, SpanInfo};
-use crate::report::{StackCapture, StallReport, StallState};
+use crate::report::{Culprit, StackCapture, StallReport, StallState};
 use crate::stack;
+use crate::stack::culprit::{MetricNames, MetricValue};
+use crate::stack::symbolizer::Symbolized;
 use crate::telemetry::{self, self as names};
 use crate::victims::{self, Pending, PendingGuard};
 
@@ -58,6 +61,8 @@ pub(super) struct Active {
     /// The blocked thread's stack; [`StackCapture::Symbolizing`] until it is taken and
     /// symbolized (or fails).
     stack: StackCapture,
+    /// The stack's culprit frame, found with its symbols.
+    culprit: Culprit,
     /// Exact stalls: pending for the layer until the watchdog marks the victims.
     pending: Option<PendingGuard>,
 }
@@ -92,15 +97,26 @@ pub(super) struct Ended {
 }
 
 /// The stalls the watchdog is following.
-#[derive(Default)]
 pub(super) struct Stalls {
     pub(super) active: Vec<Active>,
     /// Ended, waiting for their symbols.
     pub(super) finishing: Vec<Ended>,
     next_id: u64,
+    /// The culprit function names this instance put on its duration histogram.
+    culprit_names: MetricNames,
 }
 
 impl Stalls {
+    /// No stall yet; at most `max_culprit_functions` distinct names on the histogram.
+    pub(super) fn new(max_culprit_functions: usize) -> Self {
+        Stalls {
+            active: Vec::new(),
+            finishing: Vec::new(),
+            next_id: 0,
+            culprit_names: MetricNames::new(max_culprit_functions),
+        }
+    }
+
     /// Whether a stall in progress is on `slot`.
     pub(super) fn watches_slot(&self, slot: &Arc<Slot>) -> bool {
         self.active
@@ -121,8 +137,8 @@ impl Stalls {
     }
 
     /// Attaches the stacks the symbolizer finished to their stalls.
-    fn attach(&mut self, ready: Vec<(u64, StackCapture)>) {
-        for (id, stack) in ready {
+    fn attach(&mut self, ready: Vec<(u64, Symbolized)>) {
+        for (id, symbolized) in ready {
             let found = self
                 .active
                 .iter_mut()
@@ -134,7 +150,8 @@ impl Stalls {
                         .find(|active| active.id == id)
                 });
             if let Some(active) = found {
-                active.stack = stack;
+                active.stack = symbolized.stack;
+                active.culprit = symbolized.culprit;
             }
         }
     }
@@ -160,7 +177,7 @@ impl Watch {
             Source::Exact { slot, flag } => (Some(Arc::clone(slot)), flag.word),
             Source::Estimated { slot, .. } => (slot.clone(), slot.as_ref().map_or(0, |s| s.word())),
         };
-        let (diagnosis, stack) = match &slot {
+        let (diagnosis, symbolized) = match &slot {
             Some(slot) => {
                 let window = self.workers.cpu_window(slot, word);
                 let tid = slot.stack_target.tid();
@@ -168,7 +185,10 @@ impl Watch {
                 let stack = self.stacks.capture(id, &slot.stack_target, Instant::now());
                 (diagnosis, stack)
             }
-            None => (Diagnosis::default(), StackCapture::UnknownThread),
+            None => (
+                Diagnosis::default(),
+                Symbolized::without_frames(StackCapture::UnknownThread),
+            ),
         };
         self.telemetry
             .instruments()
@@ -217,7 +237,8 @@ impl Watch {
             next_report: elapsed.saturating_mul(2),
             task,
             diagnosis,
-            stack,
+            stack: symbolized.stack,
+            culprit: symbolized.culprit,
             pending,
         };
         let report = self.report(&active, elapsed, StallState::InProgress);
@@ -226,8 +247,8 @@ impl Watch {
     }
 
     /// The stall span's attributes known at detection. The stack (`code.stacktrace`, or
-    /// `tokio.eventloop.stall.stack_status` without one) is set once, when the span ends:
-    /// what an exported span says is final.
+    /// `tokio.eventloop.stall.stack_status` without one) and its culprit frame (`code.*`)
+    /// are set once, when the span ends: what an exported span says is final.
     fn span_attributes(
         &self,
         source: &Source,
@@ -256,9 +277,9 @@ impl Watch {
             if let Ok(id) = i64::try_from(id) {
                 attributes.push(KeyValue::new(names::TASK_ID, id));
             }
-            attributes.push(KeyValue::new(names::CODE_FILE_PATH, location.file()));
+            attributes.push(KeyValue::new(names::TASK_SPAWN_FILE, location.file()));
             attributes.push(KeyValue::new(
-                names::CODE_LINE_NUMBER,
+                names::TASK_SPAWN_LINE,
                 i64::from(location.line()),
             ));
         }
@@ -320,8 +341,10 @@ impl Watch {
         }
     }
 
-    /// A stall ended: its kind, the duration histogram and the victims now, while the
-    /// victims are still open; its span and last report once its stack is symbolized.
+    /// A stall ended: its kind and the victims now, while the victims are still open; the
+    /// duration histogram, its span and last report once its stack is symbolized (the
+    /// histogram carries the culprit's function, known only then; its value is the duration
+    /// measured now).
     pub(super) fn end(&mut self, mut active: Active, end: PollEnd, access: Option<&SpanAccess>) {
         let duration = clock::delta(active.start, end.at);
         let tid = active.slot().map(|slot| slot.stack_target.tid());
@@ -339,12 +362,6 @@ impl Watch {
                 .span
                 .set_attribute(KeyValue::new(names::STALL_CPU_TIME, cpu_time.as_secs_f64()));
         }
-        let attributes = self.metric_attributes(active.diagnosis.kind);
-        self.telemetry
-            .instruments()
-            .stall_duration
-            .record(duration.as_secs_f64(), &attributes);
-
         let pending = active.pending.take();
         let (victims, dropped) = match (access, active.slot()) {
             (Some(access), Some(slot)) if self.inner.config.max_victims > 0 => {
@@ -382,21 +399,57 @@ impl Watch {
             since: clock::raw(),
         };
         if ended.active.stack == StackCapture::Symbolizing {
-            // Everything time-critical is done (metrics, victim events while the victims are
-            // still open); the span and the final report wait for the symbols, a moment at
-            // most, so that a stall right after start-up still gets its stack without making
-            // the watchdog miss the next stalls.
+            // Everything time-critical is done (the counter at detection, victim events while
+            // the victims are still open); the histogram, the span and the final report wait
+            // for the symbols, a moment at most, so that a stall right after start-up still
+            // gets its stack and culprit without making the watchdog miss the next stalls.
             self.stalls.finishing.push(ended);
         } else {
             self.finish_ended(ended);
         }
     }
 
-    /// Sets the stack on the span (once), ends it and publishes the final report.
+    /// Records the duration histogram with the culprit's function, sets the stack and the
+    /// culprit on the span (once), ends it and publishes the final report.
     fn finish_ended(&mut self, mut ended: Ended) {
         let active = &mut ended.active;
         if active.stack == StackCapture::Symbolizing {
             active.stack = StackCapture::Failed("symbolizing the stack took too long".to_string());
+            active.culprit = Culprit::NoStack;
+        }
+        let function = match self.stalls.culprit_names.value(&active.culprit) {
+            MetricValue::Function(name) => name,
+            MetricValue::Other => names::CULPRIT_OTHER.to_owned(),
+            MetricValue::Unknown => names::CULPRIT_UNKNOWN.to_owned(),
+        };
+        let mut attributes = self.metric_attributes(active.diagnosis.kind);
+        attributes.push(KeyValue::new(names::CODE_FUNCTION_NAME, function));
+        self.telemetry
+            .instruments()
+            .stall_duration
+            .record(ended.duration.as_secs_f64(), &attributes);
+        match &active.culprit {
+            Culprit::Found(frame) => {
+                active.span.set_attribute(KeyValue::new(
+                    names::CODE_FUNCTION_NAME,
+                    frame.function.clone(),
+                ));
+                if let Some(file) = &frame.file {
+                    active
+                        .span
+                        .set_attribute(KeyValue::new(names::CODE_FILE_PATH, file.clone()));
+                }
+                if let Some(line) = frame.line {
+                    active
+                        .span
+                        .set_attribute(KeyValue::new(names::CODE_LINE_NUMBER, i64::from(line)));
+                }
+            }
+            Culprit::NotFound => active.span.set_attribute(KeyValue::new(
+                names::CULPRIT_STATUS,
+                Culprit::NotFound.status(),
+            )),
+            Culprit::NoStack => {}
         }
         let stack_attribute = match &active.stack {
             StackCapture::Captured(frames) => {
@@ -475,6 +528,7 @@ impl Watch {
             cpu_time: active.diagnosis.cpu_time,
             syscall: active.diagnosis.syscall,
             stack: active.stack.clone(),
+            culprit: active.culprit.clone(),
             victims: 0,
             victims_dropped: 0,
         }

@@ -11,6 +11,8 @@ mod unwind;
 pub(super) use signal::{accepted_signals, capture, in_runtime, install, Target, HANDLER_NAME};
 #[cfg(test)]
 pub(super) use signal::{handler_address, ignored_count, record, Slot};
+#[cfg(test)]
+pub(super) use symbols::full_name;
 pub(super) use symbols::resolve;
 
 /// Registers kept, in DWARF numbering: rax, rdx, rcx, rbx, rsi, rdi, rbp, rsp, r8..r15, rip.
