@@ -3,18 +3,49 @@
 //! ([`__private::Main`]).
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::filter::Filtered;
 use tracing_subscriber::Layer as _;
 
 use crate::config::{Builder, DEFAULT_SPAN_LEVEL};
-use crate::instance::LoopLag;
+use crate::instance::{LoopLag, Watchdog};
 use crate::layer::{LoopLagLayer, SpanFilter};
 
 /// The instance `#[looplag::main]` created, if any.
 static GLOBAL: OnceLock<LoopLag> = OnceLock::new();
+
+/// The watchdog `#[looplag::main]` started, until [`shutdown`] or the end of the function.
+static RUNNING: Mutex<Option<Watchdog>> = Mutex::new(None);
+
+/// Stops the watchdog `#[looplag::main]` started, at once: stalls still going are ended and
+/// reported, and their stacks get up to two seconds to arrive, so that everything looplag
+/// has is handed to the OpenTelemetry providers. Call it at the end of `main`'s body,
+/// **before** shutting your providers down (what is exported after their shutdown is lost);
+/// without it the watchdog stops when the body returns. Does nothing when no watchdog runs,
+/// and the second time.
+///
+/// # Examples
+///
+/// ```
+/// #[looplag::main(flavor = "current_thread")]
+/// async fn main() {
+///     // the application, then:
+///     looplag::shutdown();
+///     // tracer_provider.shutdown(), meter_provider.shutdown()
+/// }
+/// # #[allow(clippy::main_recursion)]
+/// # fn run() { main() }
+/// # run();
+/// ```
+pub fn shutdown() {
+    let running = match RUNNING.lock() {
+        Ok(mut running) => running.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    drop(running);
+}
 
 /// The `tracing` layer for the process's global instance: the one `#[looplag::main]` creates
 /// before the function's body runs.
@@ -153,8 +184,11 @@ pub mod __private {
                 Ok(watchdog) => watchdog,
                 Err(err) => fail("looplag's watchdog", &err),
             };
+            if let Ok(mut running) = RUNNING.lock() {
+                *running = Some(watchdog);
+            }
             let output = runtime.block_on(body);
-            drop(watchdog);
+            shutdown();
             output
         }
     }

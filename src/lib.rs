@@ -74,7 +74,7 @@ pub use config::{
     DEFAULT_SAMPLE_INTERVAL, DEFAULT_SPAN_LEVEL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
-pub use entry::{__private, layer};
+pub use entry::{__private, layer, shutdown};
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::{LoopLagLayer, SpanFilter};
