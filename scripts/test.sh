@@ -11,6 +11,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# valgrind (callgrind) for the instruction-count guard at the end, from the distribution.
+if ! command -v valgrind >/dev/null 2>&1; then
+    SUDO=()
+    if [[ "$(id -u)" != 0 ]]; then SUDO=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get install -y -qq valgrind >/dev/null \
+        || { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq valgrind >/dev/null; }
+fi
 
 step "rotel collector for the end-to-end tests (PyPI rotel, pinned in scripts/rotel.sh)"
 # The e2e tests (tests/e2e_collector.rs) start this binary on loopback; without it they fail,
@@ -61,3 +69,13 @@ step "model checking of the slot protocol (loom)"
 # patched 0.7.3 (vendor/loom/PATCHED.md). The preemption bound keeps this under a minute.
 RUSTFLAGS="--cfg looplag_loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=5 \
     cargo test --release --lib loom_
+
+step "instruction counts of the hot path against benches/instructions-baseline.json (callgrind)"
+# Fails when looplag adds more than 2 % (at least 1 instruction) over the baseline to any
+# row; only warns when rustc, glibc, valgrind or the CPU valgrind presents differ from the
+# baseline's. The self-test first shows the guard rejects an injected cost. Stable build
+# only (its release dependencies are built above): the poll-hook row needs a release build of
+# every dependency under --cfg tokio_unstable (≈ 2.5 min more); run it with
+# `scripts/instructions.py --check`. BENCHMARKS.md, section "Instructions".
+python3 scripts/instructions.py --self-test
+python3 scripts/instructions.py --check --stable-only
