@@ -47,8 +47,19 @@ pub(crate) const FLAGGED: u64 = 1 << 63;
 pub(crate) const TS_MASK: u64 = BUSY - 1;
 /// How many entered spans a slot remembers; deeper spans are counted, not recorded.
 pub(crate) const STACK_DEPTH: usize = 32;
-/// How many recent poll-level span ids a slot remembers for victim attribution.
-pub(crate) const RING: usize = 64;
+/// The victim window (see [`Slot::window`]): none open.
+const WINDOW_NONE: u64 = 0;
+/// The victim window is open: the polls starting now were queued behind the stall.
+const WINDOW_OPEN: u64 = 1;
+/// The victim window is open and the worker has parked once since the stall ended.
+const WINDOW_PARKED: u64 = 2;
+/// The victim window is closed.
+const WINDOW_CLOSED: u64 = 3;
+/// A park that slept less than this after a stall found work already waiting in tokio's
+/// driver (timers that expired and I/O that became ready during the stall): the polls after
+/// it still belong to the stall's backlog. A longer one slept: what woke it came later. The
+/// time the thread waited for a CPU (a preempted thread on a busy machine) is not sleep.
+const IMMEDIATE_UNPARK: Duration = Duration::from_millis(1);
 
 static NEXT_THREAD_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -106,32 +117,24 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
     }
 }
 
-/// Whether the calling thread has a slot and is inside a span it entered since: then the
-/// registry's current span is set too (the registry pushes a span before the layer sees the
-/// enter, and pops it before the layer sees the exit). `false` says nothing: the thread may
-/// have no slot, or have entered its spans before it got one. One assumption: the entered
-/// span belongs to the subscriber now in use (true unless a thread switches between
-/// looplag-layered subscribers while inside a span).
-#[inline]
-pub(crate) fn inside_entered_span() -> bool {
-    with_current(|slot| slot.depth.load(Ordering::Relaxed) > 0).unwrap_or(false)
-}
-
 /// One runtime worker thread's state.
 pub(crate) struct Slot {
     word: AtomicU64,
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
-    /// The roots epoch started when a flagged poll ended (`layer::roots_epoch_now`): the
-    /// roots created before the end have an earlier one. Published with `end`.
-    end_roots: AtomicU64,
+    /// The victim window after a flagged poll ended (`WINDOW_*`): open from the end until the
+    /// worker has run the backlog the stall left (see `window_park`); the owner marks the
+    /// requests whose polls start in it (`victims`). Written by the owner, closed by either.
+    window: AtomicU64,
+    /// Raw clock of the first park in the open window (owner only).
+    window_park_at: AtomicU64,
+    /// The owner's run-queue delay (ns) then (owner only).
+    window_park_delay: AtomicU64,
     depth: AtomicUsize,
     base: AtomicUsize,
     stack: [AtomicU64; STACK_DEPTH],
     parked: AtomicBool,
-    ring: [AtomicU64; RING],
-    ring_head: AtomicUsize,
     task_id: AtomicU64,
     spawned_at: AtomicPtr<Location<'static>>,
     dead: AtomicBool,
@@ -167,13 +170,11 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// A poll the watchdog flagged: the flagged activity word, the raw time of the flag and
-/// the roots epoch it started.
+/// A poll the watchdog flagged: the flagged activity word and the raw time of the flag.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Flag {
     pub(crate) word: u64,
     pub(crate) at: u64,
-    pub(crate) roots_before: u64,
 }
 
 /// When a flagged poll ended.
@@ -183,8 +184,6 @@ pub(crate) struct PollEnd {
     pub(crate) at: u64,
     /// The owner's CPU time at the end, when it published one.
     pub(crate) cpu: Option<Duration>,
-    /// Local roots with an epoch below this were created before the end.
-    pub(crate) roots_before: u64,
 }
 
 /// What the watchdog reads of a slot in one go.
@@ -229,13 +228,13 @@ impl Slot {
             word: AtomicU64::new(0),
             end: AtomicU64::new(0),
             end_cpu: AtomicU64::new(0),
-            end_roots: AtomicU64::new(0),
+            window: AtomicU64::new(WINDOW_NONE),
+            window_park_at: AtomicU64::new(0),
+            window_park_delay: AtomicU64::new(0),
             depth: AtomicUsize::new(0),
             base: AtomicUsize::new(0),
             stack: std::array::from_fn(|_| AtomicU64::new(0)),
             parked: AtomicBool::new(false),
-            ring: std::array::from_fn(|_| AtomicU64::new(0)),
-            ring_head: AtomicUsize::new(0),
             task_id: AtomicU64::new(0),
             spawned_at: AtomicPtr::new(ptr::null_mut()),
             dead: AtomicBool::new(false),
@@ -280,11 +279,11 @@ impl Slot {
         self.word.store(current & TS_MASK, Ordering::Release);
     }
 
-    /// A flagged poll ends: publish the end time and the CPU time (rare: stalls only).
+    /// A flagged poll ends: publish the end time and the CPU time, and open the victim
+    /// window (rare: stalls only).
     #[cold]
     fn publish_flagged_end(&self) {
-        self.end_roots
-            .store(crate::layer::roots_epoch_now(), Ordering::Relaxed);
+        self.window.store(WINDOW_OPEN, Ordering::Relaxed);
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
@@ -293,10 +292,13 @@ impl Slot {
         self.end_cpu.store(cpu, Ordering::Relaxed);
     }
 
-    /// A span was entered on this thread.
+    /// A span was entered on this thread. Returns the start of the poll it begins when that
+    /// poll starts in an open victim window (the caller marks the span's request as a
+    /// victim, see `victims`), else `None`.
     #[inline]
-    pub(crate) fn enter(&self, id: u64) {
+    pub(crate) fn enter(&self, id: u64) -> Option<u64> {
         let depth = self.depth.load(Ordering::Relaxed);
+        let mut in_window = None;
         if depth == self.base.load(Ordering::Relaxed) {
             // A current-thread runtime's thread is only a worker inside `block_on`.
             if !self.poll_hooks
@@ -304,12 +306,24 @@ impl Slot {
             {
                 self.poll_start();
             }
-            self.record_poll_span(id);
+            if self.window_open() {
+                in_window = Some(self.word.load(Ordering::Relaxed) & TS_MASK);
+            }
         }
         if let Some(entry) = self.stack.get(depth) {
             entry.store(id, Ordering::Relaxed);
         }
         self.depth.store(depth.saturating_add(1), Ordering::Release);
+        in_window
+    }
+
+    /// Whether the victim window is open (one load of a field the owner wrote).
+    #[inline]
+    fn window_open(&self) -> bool {
+        matches!(
+            self.window.load(Ordering::Relaxed),
+            WINDOW_OPEN | WINDOW_PARKED
+        )
     }
 
     /// A span was exited on this thread.
@@ -348,23 +362,13 @@ impl Slot {
         }
     }
 
-    /// Records a poll-level span in the ring, unless it is the one recorded last (only the
-    /// owner writes the ring, so reading back its own last entry needs no extra field).
-    #[inline]
-    fn record_poll_span(&self, id: u64) {
-        let head = self.ring_head.load(Ordering::Relaxed);
-        if self.ring[head.wrapping_sub(1) % RING].load(Ordering::Relaxed) == id {
-            return;
-        }
-        self.ring[head % RING].store(id, Ordering::Relaxed);
-        self.ring_head
-            .store(head.wrapping_add(1), Ordering::Release);
-    }
-
     /// The worker is about to park: whatever ran is over.
     #[inline]
     pub(crate) fn park(&self) {
         self.poll_end();
+        if self.window.load(Ordering::Relaxed) != WINDOW_NONE {
+            self.window_park();
+        }
         self.parked.store(true, Ordering::Release);
     }
 
@@ -374,7 +378,59 @@ impl Slot {
     pub(crate) fn unpark(&self) {
         self.base
             .store(self.depth.load(Ordering::Relaxed), Ordering::Relaxed);
+        if self.window.load(Ordering::Relaxed) == WINDOW_PARKED {
+            self.window_unpark();
+        }
         self.parked.store(false, Ordering::Release);
+    }
+
+    /// A park in an open victim window. The tasks queued behind the stall run before the
+    /// first park after it; timers that expired and I/O that became ready during the stall
+    /// reach tokio's driver at that park (or earlier), and their tasks run right after it,
+    /// when the park returned at once (`window_unpark`). So the window closes at the second
+    /// park.
+    #[cold]
+    fn window_park(&self) {
+        match self.window.load(Ordering::Relaxed) {
+            WINDOW_OPEN => {
+                self.window_park_delay
+                    .store(self.run_delay_ns(), Ordering::Relaxed);
+                self.window_park_at
+                    .store(crate::clock::raw(), Ordering::Relaxed);
+                self.close_window_from(WINDOW_OPEN, WINDOW_PARKED);
+            }
+            WINDOW_PARKED => self.close_window_from(WINDOW_PARKED, WINDOW_CLOSED),
+            _ => {}
+        }
+    }
+
+    /// The first unpark in an open victim window: a park that slept ends the window, since
+    /// what woke the worker came after the stall.
+    #[cold]
+    fn window_unpark(&self) {
+        let parked_at = self.window_park_at.load(Ordering::Relaxed);
+        let wall = crate::clock::delta(parked_at, crate::clock::raw());
+        let waited_for_cpu = self
+            .run_delay_ns()
+            .saturating_sub(self.window_park_delay.load(Ordering::Relaxed));
+        let slept = wall.saturating_sub(Duration::from_nanos(waited_for_cpu));
+        if slept >= IMMEDIATE_UNPARK {
+            self.close_window_from(WINDOW_PARKED, WINDOW_CLOSED);
+        }
+    }
+
+    /// The owner's total run-queue delay in ns (0 when unknown).
+    fn run_delay_ns(&self) -> u64 {
+        crate::diagnosis::run_delay(self.stack_target.tid()).map_or(0, |delay| {
+            u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
+    /// Moves the window from `from` to `to`, unless the watchdog closed it meanwhile.
+    fn close_window_from(&self, from: u64, to: u64) {
+        let _ = self
+            .window
+            .compare_exchange(from, to, Ordering::Release, Ordering::Relaxed);
     }
 
     /// A task poll starts (tokio's poll hook): remember the task, then start the poll.
@@ -427,8 +483,22 @@ impl Slot {
         Some(PollEnd {
             at: end,
             cpu: (cpu != 0).then(|| Duration::from_nanos(cpu)),
-            roots_before: self.end_roots.load(Ordering::Relaxed),
         })
+    }
+
+    /// Whether the victim window the owner opened at a flagged poll's end has closed (or
+    /// none was opened).
+    pub(crate) fn window_closed(&self) -> bool {
+        !self.window_open()
+    }
+
+    /// Closes the victim window (the watchdog's bound, for a worker that does not park).
+    pub(crate) fn close_window(&self) {
+        let _ = self
+            .window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                matches!(state, WINDOW_OPEN | WINDOW_PARKED).then_some(WINDOW_CLOSED)
+            });
     }
 
     /// The owner's CPU time now, if it can be read.
@@ -449,7 +519,6 @@ impl Slot {
         Some(self.published_end(flag.word & TS_MASK).unwrap_or(PollEnd {
             at: flag.at,
             cpu: None,
-            roots_before: flag.roots_before,
         }))
     }
 
@@ -460,21 +529,6 @@ impl Slot {
             .take(depth.min(STACK_DEPTH))
             .map(|id| id.load(Ordering::Relaxed))
             .filter(|&id| id != 0)
-    }
-
-    /// Calls `f` with each poll-level span id recorded since `cursor`, oldest first, and
-    /// advances `cursor`. Entries overwritten before they were read are skipped.
-    pub(crate) fn drain_poll_spans(&self, cursor: &mut usize, mut f: impl FnMut(u64)) {
-        let head = self.ring_head.load(Ordering::Acquire);
-        let mut from = *cursor;
-        if head.wrapping_sub(from) > RING {
-            from = head.wrapping_sub(RING);
-        }
-        while from != head {
-            f(self.ring[from % RING].load(Ordering::Relaxed));
-            from = from.wrapping_add(1);
-        }
-        *cursor = head;
     }
 
     /// The task being polled, when tokio's poll hooks report it.

@@ -4,7 +4,7 @@
 //! It never waits on the runtime, so it keeps working (and reporting) while every worker
 //! is stuck.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use crate::slots::{Flag, PollEnd, Slot, FLAGGED};
 use crate::stack::StackError;
 use crate::symbolizer::Symbolizer;
 use crate::telemetry as names;
-use crate::victims::{self, Marks, Pending, PendingGuard};
+use crate::victims::{self, Pending, PendingGuard};
 use crate::{StallReport, StallState};
 
 /// How long a hooked runtime may run without any worker registering before looplag warns.
@@ -215,13 +215,21 @@ impl Active {
     }
 }
 
-/// A stall that ended, waiting for its stack to be symbolized.
+/// A stall that ended, waiting for its stack to be symbolized and its victims marked.
 struct Ended {
     active: Active,
     duration: Duration,
-    victims: usize,
-    dropped: usize,
     since: u64,
+}
+
+impl Ended {
+    /// Whether every victim of the stall has been marked, at raw time `now`.
+    fn victims_settled(&self, now: u64) -> bool {
+        self.active
+            .pending
+            .as_ref()
+            .is_none_or(|pending| pending.settled(self.since, now))
+    }
 }
 
 struct Watch {
@@ -231,7 +239,6 @@ struct Watch {
     /// How long the watchdog dozed since it last spawned a probe.
     dozed: Duration,
     multi_thread: bool,
-    cursors: HashMap<u64, usize>,
     workers: Vec<WorkerTrack>,
     active: Vec<Active>,
     previous_tick: u64,
@@ -322,7 +329,6 @@ impl Watch {
             inner,
             handle,
             multi_thread,
-            cursors: HashMap::new(),
             workers: Vec::new(),
             active: Vec::new(),
             previous_tick: clock::raw(),
@@ -351,12 +357,9 @@ impl Watch {
         self.shut_down = self.shut_down || self.probe.runtime_shut_down();
         let slots = self.inner.registry.live();
         let access = layer::shared().access();
-        if let Some(access) = &access {
-            self.track_polled_roots(&slots, access);
-        }
         self.track_workers(&slots, now);
         self.track_cpu(&slots, now);
-        self.check_active(now, access.as_ref());
+        self.check_active(now);
         self.detect_exact(&slots, now, &anchor, access.as_ref());
         if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)
             && (self.multi_thread || self.inner.config.stacks == StackSupport::Enabled)
@@ -405,62 +408,6 @@ impl Watch {
     /// The watchdog woke from a doze of `dozed`.
     fn woke(&mut self, dozed: Duration) {
         self.dozed = self.dozed.saturating_add(dozed);
-    }
-
-    /// Records on which worker each in-flight trace was last polled.
-    ///
-    /// A poll-level span is most often the request's root itself; the others are resolved
-    /// to their root through the registry. The roots are then looked up in the root tables
-    /// once for the whole tick.
-    fn track_polled_roots(&mut self, slots: &[Arc<Slot>], access: &SpanAccess) {
-        self.cursors
-            .retain(|thread, _| slots.iter().any(|slot| slot.thread_uid == *thread));
-        // (worker thread, span id), oldest first per worker.
-        let mut polled: Vec<(u64, u64)> = Vec::new();
-        for slot in slots {
-            let cursor = self.cursors.entry(slot.thread_uid).or_insert(0);
-            let mut previous = 0;
-            slot.drain_poll_spans(cursor, |id| {
-                if id != previous {
-                    previous = id;
-                    polled.push((slot.thread_uid, id));
-                }
-            });
-        }
-        if polled.is_empty() {
-            return;
-        }
-        let shared = layer::shared();
-        let ids: HashSet<u64> = polled.iter().map(|&(_, id)| id).collect();
-        let mut roots: HashMap<u64, Arc<layer::RootInfo>> = shared
-            .roots_by_id(&ids)
-            .into_iter()
-            .map(|root| (root.id, root))
-            .collect();
-        let root_of: HashMap<u64, u64> = ids
-            .iter()
-            .filter(|id| !roots.contains_key(id))
-            .filter_map(|&id| Some((id, access.root_id_of(id)?)))
-            .collect();
-        let missing: HashSet<u64> = root_of
-            .values()
-            .filter(|root| !roots.contains_key(root))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            roots.extend(
-                shared
-                    .roots_by_id(&missing)
-                    .into_iter()
-                    .map(|root| (root.id, root)),
-            );
-        }
-        for (thread, id) in polled {
-            let root_id = root_of.get(&id).copied().unwrap_or(id);
-            if let Some(root) = roots.get(&root_id) {
-                root.last_polled_on.store(thread, Ordering::Relaxed);
-            }
-        }
     }
 
     /// Reads tokio's per-worker metrics and notes when each last changed.
@@ -679,11 +626,11 @@ impl Watch {
                 continue;
             }
             let entered: Vec<u64> = slot.entered_spans(snapshot.depth).collect();
+            victims::prepare(slot, snapshot.word | FLAGGED, self.inner.config.max_victims);
             let flagged = slot.flag(snapshot.word);
             let flag = Flag {
                 word: snapshot.word | FLAGGED,
                 at: clock::raw(),
-                roots_before: layer::roots_epoch_now(),
             };
             let info =
                 access.and_then(|access| entered.iter().rev().find_map(|&id| access.span_info(id)));
@@ -700,9 +647,8 @@ impl Watch {
                     let end = PollEnd {
                         at: flag.at,
                         cpu: None,
-                        roots_before: flag.roots_before,
                     };
-                    self.end(active, end, access);
+                    self.end(active, end);
                 }
             }
         }
@@ -794,14 +740,10 @@ impl Watch {
         }
     }
 
-    fn check_active(&mut self, now: u64, access: Option<&SpanAccess>) {
+    fn check_active(&mut self, now: u64) {
         let mut index = 0;
         while index < self.active.len() {
-            let ended_now = || PollEnd {
-                at: now,
-                cpu: None,
-                roots_before: layer::roots_epoch_now(),
-            };
+            let ended_now = || PollEnd { at: now, cpu: None };
             let ended = match &self.active[index].source {
                 Source::Exact { slot, flag } => {
                     if slot.is_dead() {
@@ -834,7 +776,7 @@ impl Watch {
             match ended {
                 Some(end) => {
                     let active = self.active.swap_remove(index);
-                    self.end(active, end, access);
+                    self.end(active, end);
                 }
                 None => {
                     let active = &mut self.active[index];
@@ -911,6 +853,9 @@ impl Watch {
             }
             other => attributes.push(KeyValue::new(names::STACK_STATUS, other.status())),
         }
+        if let Some(info) = info.as_ref().filter(|info| info.context.is_none()) {
+            attributes.extend(victims::orphan_attributes(info.name));
+        }
         let parent = info
             .as_ref()
             .and_then(|info| info.context.clone())
@@ -926,20 +871,17 @@ impl Watch {
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
         let pending = match &source {
-            Source::Exact { slot, flag } if self.inner.config.max_victims > 0 => {
-                Some(PendingGuard::register(Pending {
-                    slot: Arc::clone(slot),
-                    flag: *flag,
+            Source::Exact { slot, flag } => PendingGuard::start(
+                slot,
+                flag.word,
+                Pending {
                     start,
                     start_time,
                     stall: span_context.clone(),
-                    exclude: info
-                        .as_ref()
-                        .and_then(|info| info.root.as_ref())
-                        .map(|root| root.token),
-                    limit: self.inner.config.max_victims,
-                }))
-            }
+                    exclude: info.as_ref().and_then(|info| info.root),
+                },
+                layer::shared().access().as_ref(),
+            ),
             _ => None,
         };
         let active = Active {
@@ -962,11 +904,10 @@ impl Watch {
         self.next_stall_id = self.next_stall_id.wrapping_add(1);
     }
 
-    fn end(&mut self, mut active: Active, end: PollEnd, access: Option<&SpanAccess>) {
+    fn end(&mut self, mut active: Active, end: PollEnd) {
         let PollEnd {
             at: end,
             cpu: end_cpu,
-            roots_before,
         } = end;
         let duration = clock::delta(active.start, end);
         if let Some((cpu0, at)) = active.diagnosis.window {
@@ -1015,58 +956,16 @@ impl Watch {
             .stall_duration
             .record(duration.as_secs_f64(), &attributes);
 
-        let pending = active.pending.take();
-        let (victims, dropped) = match (access, active.slot(), pending) {
-            (Some(access), Some(slot), pending) if self.inner.config.max_victims > 0 => {
-                // Roots that closed since the stall ended were marked as they closed (see
-                // `victims`); mark the rest, under the same lock, then close the marks.
-                let culprit = active
-                    .info
-                    .as_ref()
-                    .and_then(|info| info.root.as_ref())
-                    .map(|root| root.token);
-                let mut own = Marks::default();
-                let mut guard = pending.as_ref().map(|pending| pending.marks());
-                let marks = guard.as_deref_mut().unwrap_or(&mut own);
-                let (roots, dropped) = layer::shared().victims(
-                    slot.thread_uid,
-                    roots_before,
-                    |token| Some(token) == culprit || marks.contains(token),
-                    marks.room(self.inner.config.max_victims),
-                );
-                marks.add_dropped(dropped);
-                for root in &roots {
-                    if let Some(context) = access.root_context(root) {
-                        victims::mark(&context, &active.span_context, active.start_time, duration);
-                        marks.insert(root.token);
-                    }
-                }
-                marks.close();
-                (marks.marked(), marks.dropped())
-            }
-            _ => (0, 0),
-        };
-        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        active
-            .span
-            .set_attribute(KeyValue::new(names::VICTIMS, as_i64(victims)));
-        if dropped > 0 {
-            active
-                .span
-                .set_attribute(KeyValue::new(names::VICTIMS_DROPPED, as_i64(dropped)));
-        }
         let ended = Ended {
             active,
             duration,
-            victims,
-            dropped,
             since: clock::raw(),
         };
-        if ended.active.diagnosis.stack_pending {
-            // Everything time-critical is done (metrics, victim events while the victims are
-            // still open); the span and the final report wait for the symbols, a moment at
-            // most, so that a stall right after start-up still gets its stack without making
-            // the watchdog miss the next stalls.
+        if ended.active.diagnosis.stack_pending || !ended.victims_settled(ended.since) {
+            // Everything time-critical is done (metrics); the span and the final report wait
+            // for the symbols and for the victims (marked on the worker as it runs the
+            // stall's backlog, see `victims`), a moment at most, so that a stall right after
+            // start-up still gets its stack without making the watchdog miss the next stalls.
             self.finishing.push(ended);
         } else {
             self.finish_ended(ended);
@@ -1076,6 +975,16 @@ impl Watch {
     /// Symbolizes the stack if needed, ends the stall span and publishes the final report.
     fn finish_ended(&mut self, mut ended: Ended) {
         let active = &mut ended.active;
+        let (victims, dropped) = active.pending.take().map_or((0, 0), PendingGuard::finish);
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        active
+            .span
+            .set_attribute(KeyValue::new(names::VICTIMS, as_i64(victims)));
+        if dropped > 0 {
+            active
+                .span
+                .set_attribute(KeyValue::new(names::VICTIMS_DROPPED, as_i64(dropped)));
+        }
         if active.diagnosis.stack_pending {
             active.diagnosis.stack =
                 StackCapture::Failed("symbolizing the stack took too long".to_string());
@@ -1093,8 +1002,8 @@ impl Watch {
             .end_with_timestamp(active.start_time + ended.duration);
         active.reports = active.reports.saturating_add(1);
         let mut report = self.report(active, ended.duration, StallState::Ended);
-        report.victims = ended.victims;
-        report.victims_dropped = ended.dropped;
+        report.victims = victims;
+        report.victims_dropped = dropped;
         self.publish(&report, None);
     }
 
@@ -1108,7 +1017,7 @@ impl Watch {
         let waiting = std::mem::take(&mut self.finishing);
         for ended in waiting {
             if force
-                || !ended.active.diagnosis.stack_pending
+                || (!ended.active.diagnosis.stack_pending && ended.victims_settled(now))
                 || clock::delta(ended.since, now) >= SYMBOLS_WAIT
             {
                 self.finish_ended(ended);
@@ -1215,14 +1124,12 @@ impl Watch {
     /// The watchdog is stopping: close every open stall at the current time.
     fn finish(&mut self) {
         let anchor = Anchor::now();
-        let access = layer::shared().access();
         while let Some(active) = self.active.pop() {
             let end = PollEnd {
                 at: anchor.raw,
                 cpu: None,
-                roots_before: layer::roots_epoch_now(),
             };
-            self.end(active, end, access.as_ref());
+            self.end(active, end);
         }
         // Give pending stacks a moment to arrive before ending their spans without them.
         let deadline = Instant::now() + Duration::from_secs(2);

@@ -130,7 +130,6 @@ fn watchdog(
             let flag = super::Flag {
                 word: flagged_word,
                 at: flagged_at,
-                roots_before: 0,
             };
             end = slot.flagged_end(&flag).map(|end| end.at);
             if end.is_some() {
