@@ -385,13 +385,19 @@ impl Slot {
     }
 
     /// A park in an open victim window. The tasks queued behind the stall run before the
-    /// first park after it; timers that expired and I/O that became ready during the stall
-    /// reach tokio's driver at that park (or earlier), and their tasks run right after it,
-    /// when the park returned at once (`window_unpark`). So the window closes at the second
-    /// park.
+    /// first park after it. On a current-thread runtime nobody turns tokio's driver during
+    /// the stall: the timers that expired and the I/O that became ready then reach it at that
+    /// park (or earlier, between polls), and their tasks run right after it, when the park
+    /// returned at once (`window_unpark`); so the window closes at the second park. On a
+    /// multi-thread runtime an idle worker turns the driver during the stall and runs what it
+    /// wakes, so the stalled worker's first park closes the window (what its driver turn
+    /// delivers then is new).
     #[cold]
     fn window_park(&self) {
         match self.window.load(Ordering::Relaxed) {
+            WINDOW_OPEN if !self.current_thread => {
+                self.close_window_from(WINDOW_OPEN, WINDOW_CLOSED);
+            }
             WINDOW_OPEN => {
                 self.window_park_delay
                     .store(self.run_delay_ns(), Ordering::Relaxed);
