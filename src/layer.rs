@@ -257,9 +257,9 @@ where
     #[inline]
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
         slots::with_current(|slot| {
-            if let Some(poll_start) = slot.enter(id.into_u64()) {
+            if let Some(poll) = slot.enter(id.into_u64()) {
                 if self.victims {
-                    mark_victim(slot, poll_start, id, &ctx);
+                    mark_victim(slot, poll, id, &ctx);
                 }
             }
         });
@@ -285,7 +285,7 @@ where
 /// local root (rare: only right after a stall).
 #[cold]
 #[inline(never)]
-fn mark_victim<S>(slot: &slots::Slot, poll_start: u64, id: &Id, ctx: &Context<'_, S>)
+fn mark_victim<S>(slot: &slots::Slot, poll: slots::WindowPoll, id: &Id, ctx: &Context<'_, S>)
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -294,7 +294,7 @@ where
         let root = span.scope().from_root().next()?;
         Some(root.id().into_u64())
     };
-    victims::poll_in_window(slot, poll_start, root, |root| {
+    victims::poll_in_window(slot, poll, root, |root| {
         shared().access()?.entered_context(&span_id(root)?)
     });
 }

@@ -47,7 +47,10 @@ pub(crate) const FLAGGED: u64 = 1 << 63;
 pub(crate) const TS_MASK: u64 = BUSY - 1;
 /// How many entered spans a slot remembers; deeper spans are counted, not recorded.
 pub(crate) const STACK_DEPTH: usize = 32;
-/// The victim window (see [`Slot::window`]): none open.
+/// The state bits of [`Slot::window`]; the bits above hold the start of the stalled poll
+/// whose end opened the window, so that each stall has its own window.
+const WINDOW_STATE: u64 = 0b11;
+/// The victim window: none open.
 const WINDOW_NONE: u64 = 0;
 /// The victim window is open: the polls starting now were queued behind the stall.
 const WINDOW_OPEN: u64 = 1;
@@ -123,9 +126,10 @@ pub(crate) struct Slot {
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
-    /// The victim window after a flagged poll ended (`WINDOW_*`): open from the end until the
-    /// worker has run the backlog the stall left (see `window_park`); the owner marks the
-    /// requests whose polls start in it (`victims`). Written by the owner, closed by either.
+    /// The victim window after a flagged poll ended: the poll's start shifted left by 2, and
+    /// the state (`WINDOW_*`). Open from the end until the worker has run the backlog the
+    /// stall left (see `window_park`); the requests whose polls start in it are marked
+    /// (`victims`). Written by the owner, closed by either.
     window: AtomicU64,
     /// Raw clock of the first park in the open window (owner only).
     window_park_at: AtomicU64,
@@ -184,6 +188,21 @@ pub(crate) struct PollEnd {
     pub(crate) at: u64,
     /// The owner's CPU time at the end, when it published one.
     pub(crate) cpu: Option<Duration>,
+}
+
+/// A poll that started in an open victim window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WindowPoll {
+    /// Raw clock of the poll's start.
+    pub(crate) start: u64,
+    /// Raw clock of the start of the stalled poll whose window it is.
+    pub(crate) stall: u64,
+}
+
+/// Whether a victim window value is open.
+#[inline]
+fn window_open(window: u64) -> bool {
+    matches!(window & WINDOW_STATE, WINDOW_OPEN | WINDOW_PARKED)
 }
 
 /// What the watchdog reads of a slot in one go.
@@ -274,7 +293,7 @@ impl Slot {
             return;
         }
         if current & FLAGGED != 0 {
-            self.publish_flagged_end();
+            self.publish_flagged_end(current);
         }
         self.word.store(current & TS_MASK, Ordering::Release);
     }
@@ -282,8 +301,9 @@ impl Slot {
     /// A flagged poll ends: publish the end time and the CPU time, and open the victim
     /// window (rare: stalls only).
     #[cold]
-    fn publish_flagged_end(&self) {
-        self.window.store(WINDOW_OPEN, Ordering::Relaxed);
+    fn publish_flagged_end(&self, flagged: u64) {
+        self.window
+            .store(((flagged & TS_MASK) << 2) | WINDOW_OPEN, Ordering::Relaxed);
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
@@ -292,11 +312,11 @@ impl Slot {
         self.end_cpu.store(cpu, Ordering::Relaxed);
     }
 
-    /// A span was entered on this thread. Returns the start of the poll it begins when that
-    /// poll starts in an open victim window (the caller marks the span's request as a
-    /// victim, see `victims`), else `None`.
+    /// A span was entered on this thread. Returns the poll it begins when that poll starts in
+    /// an open victim window (the caller marks the span's request as a victim, see
+    /// `victims`), else `None`.
     #[inline]
-    pub(crate) fn enter(&self, id: u64) -> Option<u64> {
+    pub(crate) fn enter(&self, id: u64) -> Option<WindowPoll> {
         let depth = self.depth.load(Ordering::Relaxed);
         let mut in_window = None;
         if depth == self.base.load(Ordering::Relaxed) {
@@ -306,8 +326,12 @@ impl Slot {
             {
                 self.poll_start();
             }
-            if self.window_open() {
-                in_window = Some(self.word.load(Ordering::Relaxed) & TS_MASK);
+            let window = self.window.load(Ordering::Relaxed);
+            if window_open(window) {
+                in_window = Some(WindowPoll {
+                    start: self.word.load(Ordering::Relaxed) & TS_MASK,
+                    stall: window >> 2,
+                });
             }
         }
         if let Some(entry) = self.stack.get(depth) {
@@ -315,15 +339,6 @@ impl Slot {
         }
         self.depth.store(depth.saturating_add(1), Ordering::Release);
         in_window
-    }
-
-    /// Whether the victim window is open (one load of a field the owner wrote).
-    #[inline]
-    fn window_open(&self) -> bool {
-        matches!(
-            self.window.load(Ordering::Relaxed),
-            WINDOW_OPEN | WINDOW_PARKED
-        )
     }
 
     /// A span was exited on this thread.
@@ -366,8 +381,9 @@ impl Slot {
     #[inline]
     pub(crate) fn park(&self) {
         self.poll_end();
-        if self.window.load(Ordering::Relaxed) != WINDOW_NONE {
-            self.window_park();
+        let window = self.window.load(Ordering::Relaxed);
+        if window_open(window) {
+            self.window_park(window);
         }
         self.parked.store(true, Ordering::Release);
     }
@@ -378,8 +394,9 @@ impl Slot {
     pub(crate) fn unpark(&self) {
         self.base
             .store(self.depth.load(Ordering::Relaxed), Ordering::Relaxed);
-        if self.window.load(Ordering::Relaxed) == WINDOW_PARKED {
-            self.window_unpark();
+        let window = self.window.load(Ordering::Relaxed);
+        if window & WINDOW_STATE == WINDOW_PARKED {
+            self.window_unpark(window);
         }
         self.parked.store(false, Ordering::Release);
     }
@@ -393,27 +410,24 @@ impl Slot {
     /// wakes, so the stalled worker's first park closes the window (what its driver turn
     /// delivers then is new).
     #[cold]
-    fn window_park(&self) {
-        match self.window.load(Ordering::Relaxed) {
-            WINDOW_OPEN if !self.current_thread => {
-                self.close_window_from(WINDOW_OPEN, WINDOW_CLOSED);
-            }
+    fn window_park(&self, window: u64) {
+        match window & WINDOW_STATE {
+            WINDOW_OPEN if !self.current_thread => self.move_window(window, WINDOW_CLOSED),
             WINDOW_OPEN => {
                 self.window_park_delay
                     .store(self.run_delay_ns(), Ordering::Relaxed);
                 self.window_park_at
                     .store(crate::clock::raw(), Ordering::Relaxed);
-                self.close_window_from(WINDOW_OPEN, WINDOW_PARKED);
+                self.move_window(window, WINDOW_PARKED);
             }
-            WINDOW_PARKED => self.close_window_from(WINDOW_PARKED, WINDOW_CLOSED),
-            _ => {}
+            _ => self.move_window(window, WINDOW_CLOSED),
         }
     }
 
     /// The first unpark in an open victim window: a park that slept ends the window, since
     /// what woke the worker came after the stall.
     #[cold]
-    fn window_unpark(&self) {
+    fn window_unpark(&self, window: u64) {
         let parked_at = self.window_park_at.load(Ordering::Relaxed);
         let wall = crate::clock::delta(parked_at, crate::clock::raw());
         let waited_for_cpu = self
@@ -421,7 +435,7 @@ impl Slot {
             .saturating_sub(self.window_park_delay.load(Ordering::Relaxed));
         let slept = wall.saturating_sub(Duration::from_nanos(waited_for_cpu));
         if slept >= IMMEDIATE_UNPARK {
-            self.close_window_from(WINDOW_PARKED, WINDOW_CLOSED);
+            self.move_window(window, WINDOW_CLOSED);
         }
     }
 
@@ -432,11 +446,15 @@ impl Slot {
         })
     }
 
-    /// Moves the window from `from` to `to`, unless the watchdog closed it meanwhile.
-    fn close_window_from(&self, from: u64, to: u64) {
-        let _ = self
-            .window
-            .compare_exchange(from, to, Ordering::Release, Ordering::Relaxed);
+    /// Moves the window from `window` to the state `to`, unless the watchdog closed it
+    /// meanwhile.
+    fn move_window(&self, window: u64, to: u64) {
+        let _ = self.window.compare_exchange(
+            window,
+            (window & !WINDOW_STATE) | to,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
     }
 
     /// A task poll starts (tokio's poll hook): remember the task, then start the poll.
@@ -492,18 +510,21 @@ impl Slot {
         })
     }
 
-    /// Whether the victim window the owner opened at a flagged poll's end has closed (or
-    /// none was opened).
-    pub(crate) fn window_closed(&self) -> bool {
-        !self.window_open()
+    /// Whether the victim window of the flagged poll `flag_word` is closed (or was never
+    /// opened: the owner missed the flag).
+    pub(crate) fn window_closed(&self, flag_word: u64) -> bool {
+        let window = self.window.load(Ordering::Acquire);
+        window >> 2 != flag_word & TS_MASK || !window_open(window)
     }
 
-    /// Closes the victim window (the watchdog's bound, for a worker that does not park).
-    pub(crate) fn close_window(&self) {
+    /// Closes the victim window of the flagged poll `flag_word` (the watchdog's bound, for a
+    /// worker that does not park), unless another stall's window is open.
+    pub(crate) fn close_window(&self, flag_word: u64) {
         let _ = self
             .window
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                matches!(state, WINDOW_OPEN | WINDOW_PARKED).then_some(WINDOW_CLOSED)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |window| {
+                (window >> 2 == flag_word & TS_MASK && window_open(window))
+                    .then_some((window & !WINDOW_STATE) | WINDOW_CLOSED)
             });
     }
 

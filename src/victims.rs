@@ -15,8 +15,10 @@
 //!   which then returns at once, and they run right after it.
 //!
 //! So the owner of the stalled worker's slot opens a *victim window* when the flagged poll
-//! ends, and closes it at the second park after the end, or at the first one when that park
-//! slept (what woke the worker then came after the stall) — see `Slot::window_park`. Every
+//! ends, and closes it, on a current-thread runtime, at the second park after the end, or
+//! at the first one when that park slept (what woke the worker then came after the stall);
+//! on a multi-thread runtime at the first park, since an idle worker turned the driver
+//! during the stall and ran what it woke (see `Slot::window_park`). Every
 //! poll that starts in the window marks its request (the local root span of the span the
 //! poll enters) there and then, on the worker, while the request is surely open: a request
 //! that finishes in its first poll after the stall is marked before its span closes, in
@@ -27,7 +29,12 @@
 //!
 //! Tasks stolen from the stalled worker's queue by another worker ran elsewhere, soon (an
 //! idle worker steals at once): they are not marked. A task woken during the stall by a
-//! driver another worker turned ran on that worker: not held up, not marked.
+//! driver another worker turned ran on that worker: not held up, not marked. Two blind
+//! spots, both on multi-thread runtimes: a task stolen late by a worker that was busy itself
+//! was held up until the steal and is not marked; and when every other worker was busy for
+//! the whole stall, nobody turned the driver, so the timers and I/O that became ready then
+//! reach it at the stalled worker's first park, after which the window is closed: those
+//! requests are not marked either.
 //!
 //! # The wait
 //!
@@ -62,7 +69,7 @@ use opentelemetry::KeyValue;
 
 use crate::clock;
 use crate::layer::SpanAccess;
-use crate::slots::{Slot, TS_MASK};
+use crate::slots::{Slot, WindowPoll, TS_MASK};
 use crate::telemetry as names;
 
 /// How long after the watchdog saw a stall end it closes a victim window the worker has not
@@ -207,14 +214,14 @@ pub(crate) fn prepare(slot: &Arc<Slot>, flag_word: u64, limit: usize) {
     }
 }
 
-/// A poll started on `slot` at raw time `poll_start`, in its open victim window: marks its
-/// request. `root` gives the span id of the local root of the span the poll entered;
+/// A poll started on `slot` in its open victim window: marks its request as a victim of
+/// the stall whose window it is. `root` gives the span id of the local root of the span the poll entered;
 /// `context` the OpenTelemetry context of a root span id. Called by the layer on the
 /// worker, with the span entered (so its root is open).
 #[cold]
 pub(crate) fn poll_in_window(
     slot: &Slot,
-    poll_start: u64,
+    poll: WindowPoll,
     root: impl FnOnce() -> Option<u64>,
     context: impl Fn(u64) -> Option<opentelemetry::Context>,
 ) {
@@ -223,7 +230,7 @@ pub(crate) fn poll_in_window(
     }
     let entries: Vec<Arc<Entry>> = lock(&REGISTRY.list)
         .iter()
-        .filter(|e| std::ptr::eq(Arc::as_ptr(&e.slot), slot))
+        .filter(|e| std::ptr::eq(Arc::as_ptr(&e.slot), slot) && e.flag_word & TS_MASK == poll.stall)
         .cloned()
         .collect();
     if entries.is_empty() {
@@ -232,7 +239,7 @@ pub(crate) fn poll_in_window(
     let Some(root) = root() else { return };
     for entry in entries {
         let mut marks = lock(&entry.marks);
-        entry.victim(&mut marks, root, poll_start, || context(root));
+        entry.victim(&mut marks, root, poll.start, || context(root));
     }
 }
 
@@ -274,13 +281,13 @@ impl PendingGuard {
     /// Whether the victims are all known: the worker closed the window (it parked), or
     /// `WINDOW_GRACE` has passed since `since` (raw time the watchdog saw the stall end).
     pub(crate) fn settled(&self, since: u64, now: u64) -> bool {
-        self.0.slot.window_closed() || clock::delta(since, now) >= WINDOW_GRACE
+        self.0.slot.window_closed(self.0.flag_word) || clock::delta(since, now) >= WINDOW_GRACE
     }
 
     /// Closes the window and the marks; returns how many victims were marked and how many
     /// were not (over `max_victims`, or lost).
     pub(crate) fn finish(self) -> (usize, usize) {
-        self.0.slot.close_window();
+        self.0.slot.close_window(self.0.flag_word);
         let mut marks = lock(&self.0.marks);
         marks.closed = true;
         let lost = marks.deferred.len();
