@@ -402,17 +402,16 @@ impl Slot {
     }
 
     /// A park in an open victim window. The tasks queued behind the stall run before the
-    /// first park after it. On a current-thread runtime nobody turns tokio's driver during
-    /// the stall: the timers that expired and the I/O that became ready then reach it at that
-    /// park (or earlier, between polls), and their tasks run right after it, when the park
-    /// returned at once (`window_unpark`); so the window closes at the second park. On a
-    /// multi-thread runtime an idle worker turns the driver during the stall and runs what it
-    /// wakes, so the stalled worker's first park closes the window (what its driver turn
-    /// delivers then is new).
+    /// first park after it. When nobody turned tokio's driver during the stall (always on a
+    /// current-thread runtime), the timers that expired and the I/O that became ready then
+    /// reach it at that park (or earlier, between polls), and their tasks run right after
+    /// it: that park returns at once (`window_unpark`), and the window closes at the second
+    /// park. When another worker turned the driver during the stall, it ran what it woke;
+    /// the stalled worker's first park then finds nothing ready and sleeps, which closes the
+    /// window.
     #[cold]
     fn window_park(&self, window: u64) {
         match window & WINDOW_STATE {
-            WINDOW_OPEN if !self.current_thread => self.move_window(window, WINDOW_CLOSED),
             WINDOW_OPEN => {
                 self.window_park_delay
                     .store(self.run_delay_ns(), Ordering::Relaxed);
