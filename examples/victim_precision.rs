@@ -2,10 +2,13 @@
 //! clocks: `cargo run --release --example victim_precision [current|multi]`.
 //!
 //! 200 idle requests (a 1 h timer) and 20 active ones (5 ms timer loops) on a hooked
-//! runtime; 20 stalls of 50 to 240 ms in a `culprit` span, 300 ms apart. Each active
+//! runtime; 20 stalls of 50 to 240 ms in a `culprit` span, 300 ms apart, each waking three
+//! more requests right before it blocks (their wait: from the wake to their poll). Each active
 //! request records every timer wait: when its timer was due and when it ran again. A request
 //! was held up by a stall when one of its timers fell due before the stall's end and it ran
-//! only after that end (the culprit's own clock readings give the stall's start and end). Precision: the marked (stall, request) pairs that
+//! only after that end, more than 3 ms late (tokio's timers fire on the next millisecond
+//! tick; the culprit's own clock readings give the stall's start and end). The 20 requests
+//! run in phase, so one borderline timer tick counts 20 times. Precision: the marked (stall, request) pairs that
 //! were held up; recall: the held-up pairs that were marked.
 
 use std::collections::{HashMap, HashSet};
@@ -91,8 +94,36 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let stall = Duration::from_millis(50 + 10 * (n % 20));
             let culprits = Arc::clone(&culprits);
+            // Three requests woken by the culprit right before it blocks: onto its worker's
+            // queue (on a multi-thread runtime, the last one in its LIFO slot, which no other
+            // worker steals).
+            let (senders, receivers): (Vec<_>, Vec<_>) = (0..3)
+                .map(|_| tokio::sync::oneshot::channel::<SystemTime>())
+                .unzip();
+            for (k, receiver) in (0..).zip(receivers) {
+                let waits = Arc::clone(&waits);
+                let i = 100 + 3 * n as i64 + k;
+                tokio::spawn(
+                    async move {
+                        if let Ok(sent) = receiver.await {
+                            let ran = SystemTime::now();
+                            waits
+                                .lock()
+                                .unwrap()
+                                .entry(i)
+                                .or_default()
+                                .push((sent, ran));
+                        }
+                    }
+                    .instrument(tracing::info_span!("active", i)),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
             tokio::spawn(
                 async move {
+                    for sender in senders {
+                        let _ = sender.send(SystemTime::now());
+                    }
                     let start = SystemTime::now();
                     std::thread::sleep(stall);
                     culprits.lock().unwrap().push((start, SystemTime::now()));
@@ -163,15 +194,18 @@ fn main() {
             }
         }
     }
-    // Timer resolution and the reports' clock conversion are within this.
-    let slack = Duration::from_micros(500);
+    // tokio's timers fire on the next millisecond tick: a request that ran up to this late
+    // was on time (its timer was due just before the stall's end).
+    let on_time = Duration::from_millis(3);
     let mut held = HashSet::new();
     for (i, waits) in waits.lock().unwrap().iter() {
         for (stall, (start, end)) in &stalls {
-            if waits
-                .iter()
-                .any(|&(due, ran)| due < *end && ran + slack >= *end && ran >= *start)
-            {
+            if waits.iter().any(|&(due, ran)| {
+                due < *end
+                    && ran >= *end
+                    && ran >= *start
+                    && ran.duration_since(due).unwrap_or_default() > on_time
+            }) {
                 held.insert((stall.clone(), i.to_string()));
             }
         }
@@ -182,14 +216,25 @@ fn main() {
             let id = r.span_id?.to_string();
             let h = held.iter().filter(|(s, _)| *s == id).count();
             let m = marked.iter().filter(|(s, _)| *s == id).count();
-            Some((r.started_at, r.duration, r.worker_index, h, m))
+            Some((
+                r.started_at,
+                r.duration,
+                r.worker_index,
+                h,
+                m,
+                r.victims_dropped,
+            ))
         })
         .collect();
     per_stall.sort_by_key(|row| row.0);
-    for (_, duration, worker, h, m) in per_stall {
-        println!("stall {duration:?} on worker {worker:?}: {h} held up, {m} marked");
+    for (_, duration, worker, h, m, dropped) in per_stall {
+        println!(
+            "stall {duration:?} on worker {worker:?}: {h} held up, {m} marked, {dropped} counted \
+             as dropped"
+        );
     }
     let true_positives = marked.intersection(&held).count();
+    // The pinged requests that were never woken (no wait recorded) cannot be judged.
     // No marks: precision is undefined (printed as NaN).
     let precision = true_positives as f64 / (marked.len() + idle_marked) as f64;
     let recall = true_positives as f64 / held.len().max(1) as f64;

@@ -27,16 +27,8 @@
 //!
 //! Tasks stolen from the stalled worker's queue by another worker ran elsewhere, soon (an
 //! idle worker steals at once): they are not marked. A task woken during the stall by a
-//! driver another worker turned ran on that worker: not held up, not marked.
-//!
-//! Known gap (multi-thread runtimes): the stall of one worker can hold up requests that
-//! then run on *another* worker, which this rule does not see. Measured with
-//! `examples/victim_precision.rs` (2 workers, 20 requests on 5 ms timers, 19 stalls): in
-//! about half the stalls every such request was late by the whole stall, though the other
-//! worker kept parking and waking during it, and ran them within 2 ms after the stall's end;
-//! none was marked. Why tokio delivers nothing on the other worker meanwhile is not pinned
-//! down yet (the other worker does not seem to get the driver). A task stolen late by a busy
-//! worker is a second, smaller case.
+//! driver another worker turned ran on that worker: not held up, not marked. A task stolen
+//! late by a worker that was busy itself was held up until the steal and is not marked.
 //!
 //! # The wait
 //!
