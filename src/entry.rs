@@ -6,12 +6,9 @@ use std::future::Future;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use tracing_subscriber::filter::Filtered;
-use tracing_subscriber::Layer as _;
-
-use crate::config::{Builder, DEFAULT_SPAN_LEVEL};
+use crate::config::Builder;
 use crate::instance::{LoopLag, Watchdog};
-use crate::layer::{LoopLagLayer, SpanFilter};
+use crate::layer::LoopLagLayer;
 
 /// The instance `#[looplag::main]` created, if any.
 static GLOBAL: OnceLock<LoopLag> = OnceLock::new();
@@ -52,9 +49,9 @@ pub fn shutdown() {
 ///
 /// Every looplag layer feeds the same process-wide state, so this is the same layer as
 /// [`LoopLag::layer`] of that instance (it honours its
-/// [`max_victims`](crate::Builder::max_victims) and [`span_level`](crate::Builder::span_level));
-/// before any global instance exists, it is [`LoopLagLayer::default`] with the default span
-/// level. A second instance (tests, a second runtime) works as before
+/// [`max_victims`](crate::Builder::max_victims)); before any global instance exists, it is
+/// [`LoopLagLayer::default`]. For the per-layer-filtered variant, use
+/// [`LoopLag::filtered_layer`] of [`LoopLag::builder`]'s instance. A second instance (tests, a second runtime) works as before
 /// through its own [`LoopLag::layer`] or this one.
 ///
 /// # Examples
@@ -72,13 +69,10 @@ pub fn shutdown() {
 /// # fn run() { main() }
 /// # run();
 /// ```
-pub fn layer<S>() -> Filtered<LoopLagLayer, SpanFilter, S>
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
+pub fn layer() -> LoopLagLayer {
     match GLOBAL.get() {
         Some(looplag) => looplag.layer(),
-        None => LoopLagLayer::default().with_filter(SpanFilter::new(DEFAULT_SPAN_LEVEL)),
+        None => LoopLagLayer::default(),
     }
 }
 

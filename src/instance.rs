@@ -149,22 +149,23 @@ impl LoopLag {
         self.inner.config.max_culprit_functions
     }
 
-    /// The `tracing` layer to add to the subscriber: [`LoopLagLayer`] behind its per-layer
-    /// [`SpanFilter`].
+    /// The `tracing` layer to add to the subscriber.
     ///
-    /// The layer finds the culprit span of a stall and the request spans that waited. All
-    /// instances share its state, so one layer serves every runtime in the process. If
+    /// The layer finds the culprit span of a stall and marks the request spans that waited.
+    /// All instances share its state, so one layer serves every runtime in the process. If
     /// this instance was built with [`max_victims(0)`](Builder::max_victims), the layer
-    /// does not record request spans, so no instance gets victims through it.
+    /// marks no victims.
     ///
     /// # Filtering
     ///
-    /// looplag consumes no events, and the filter says so: adding the layer never turns
-    /// on an event callsite that the other layers' filters had off. It asks for spans at or
-    /// above [`span_level`](Builder::span_level) (by default `DEBUG`), which then exist even
-    /// if no other layer wanted them (see that setting for the cost). Per-layer filtering
-    /// needs `tracing_subscriber::Registry` at the root of the subscriber, as
-    /// `tracing_subscriber::registry()` gives.
+    /// This layer has no filter of its own: it costs two slot writes per span enter and exit
+    /// and nothing else. Like any unfiltered layer, it keeps an event callsite that the other
+    /// layers' per-layer filters turned off at "sometimes" rather than "never": such an
+    /// event is then checked against the filters each time it is hit, and never recorded.
+    /// In a service whose hot loops hit many filtered-out `debug!` events, that check costs
+    /// more than the layer itself; [`filtered_layer`](LoopLag::filtered_layer) takes no
+    /// interest in events at all, for a registry lookup on every span enter and exit
+    /// (BENCHMARKS.md, "Instructions").
     ///
     /// A filter applied to the whole subscriber (an `EnvFilter` or `LevelFilter` added with
     /// `.with(filter)` rather than `.with_filter(filter)` on one layer) also filters looplag:
@@ -172,11 +173,39 @@ impl LoopLag {
     /// span and victims, and looplag's own WARN lines (target `looplag`) are dropped when it
     /// turns WARN off for that target. looplag says so once on stderr when that happens (see
     /// the README's "Setup").
-    pub fn layer<S>(&self) -> Filtered<LoopLagLayer, SpanFilter, S>
+    pub fn layer(&self) -> LoopLagLayer {
+        LoopLagLayer::new(self.inner.config.max_victims > 0)
+    }
+
+    /// The `tracing` layer behind its per-layer [`SpanFilter`]: it asks for no event, so
+    /// adding it never turns on an event callsite that the other layers' filters had off,
+    /// and for spans at or above [`span_level`](Builder::span_level) (by default `DEBUG`),
+    /// which then exist even if no other layer wanted them (see that setting for the cost).
+    ///
+    /// The price: tracing-subscriber's per-layer filtering looks each span up in the registry
+    /// on every enter and exit, which makes a poll boundary several times dearer than with
+    /// [`layer`](LoopLag::layer) (BENCHMARKS.md, "Instructions"). Choose it for a service
+    /// whose hot paths hit many `debug!` events that its filters turn off. Per-layer
+    /// filtering needs `tracing_subscriber::Registry` at the root of the subscriber, as
+    /// `tracing_subscriber::registry()` gives.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tracing_subscriber::layer::SubscriberExt;
+    ///
+    /// let looplag = looplag::LoopLag::builder().build()?;
+    /// let subscriber = tracing_subscriber::registry().with(looplag.filtered_layer());
+    /// tracing::subscriber::with_default(subscriber, || {
+    ///     assert!(!tracing::enabled!(tracing::Level::DEBUG)); // looplag wants no event
+    /// });
+    /// # Ok::<(), looplag::Error>(())
+    /// ```
+    pub fn filtered_layer<S>(&self) -> Filtered<LoopLagLayer, SpanFilter, S>
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
-        LoopLagLayer::new(self.inner.config.max_victims > 0)
+        self.layer()
             .with_filter(SpanFilter::new(self.inner.config.span_level))
     }
 

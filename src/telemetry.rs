@@ -78,6 +78,9 @@ pub(crate) const STALL_KIND: &str = "tokio.eventloop.stall.kind";
 pub(crate) const STALL_CPU_TIME: &str = "tokio.eventloop.stall.cpu_time";
 /// Stall span attribute: the system call the blocked thread was waiting in, when known.
 pub(crate) const STALL_SYSCALL: &str = "tokio.eventloop.stall.syscall";
+/// Stall span attribute: the name of the `tracing` span the stall happened in, set when that
+/// span has no OpenTelemetry context (the stall span is then a root of its own trace).
+pub(crate) const STALL_SPAN_NAME: &str = "tokio.eventloop.stall.span.name";
 /// Stall span attribute: why no stack was taken (`rate_limited`, `unsupported`, …).
 pub(crate) const STACK_STATUS: &str = "tokio.eventloop.stall.stack_status";
 
@@ -87,6 +90,13 @@ pub(crate) const VICTIM_DURATION: &str = "tokio.eventloop.stall.duration";
 pub(crate) const VICTIM_TRACE_ID: &str = "tokio.eventloop.stall.trace_id";
 /// Victim event attribute: span id of the stall span (hex).
 pub(crate) const VICTIM_SPAN_ID: &str = "tokio.eventloop.stall.span_id";
+/// Victim event attribute: how long that request was held up by the stall (f64, s): from
+/// the stall's start (or from when the request became ready, when known) to its first poll
+/// after the stall.
+pub(crate) const VICTIM_WAIT: &str = "tokio.eventloop.stall.wait";
+/// Victim event attribute: whether `tokio.eventloop.stall.wait` is exact (`true`) or an
+/// upper bound (`false`: when the request became ready during the stall is unknown).
+pub(crate) const VICTIM_WAIT_EXACT: &str = "tokio.eventloop.stall.wait.exact";
 /// Stall span attribute: how many victim spans were marked.
 pub(crate) const VICTIMS: &str = "tokio.eventloop.stall.victims";
 /// Stall span attribute: how many victim spans were not marked because of the bound.

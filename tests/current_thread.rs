@@ -1,5 +1,5 @@
 //! A 200 ms blocking sleep inside `req_a` on a current-thread runtime, with `req_b` and
-//! `req_c` in flight.
+//! `req_c` in flight, their timers firing during the stall (so they wait on it).
 
 mod common;
 
@@ -20,14 +20,14 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
     let watchdog = h.looplag.start(runtime.handle()).expect("start");
 
     runtime.block_on(async {
-        let b = tokio::spawn(
-            async { tokio::time::sleep(Duration::from_millis(600)).await }
-                .instrument(tracing::info_span!("req_b")),
-        );
-        let c = tokio::spawn(
-            async { tokio::time::sleep(Duration::from_millis(600)).await }
-                .instrument(tracing::info_span!("req_c")),
-        );
+        // Their first timers fire in the middle of the stall (they are held up by it); the
+        // second ones keep them in flight long after it.
+        let wait = || async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        };
+        let b = tokio::spawn(wait().instrument(tracing::info_span!("req_b")));
+        let c = tokio::spawn(wait().instrument(tracing::info_span!("req_c")));
         // Let the probe and req_b/req_c run before the stall.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let a = tokio::spawn(
@@ -92,6 +92,20 @@ fn sleep_in_span_gives_one_stall_span_child_of_the_culprit_and_victim_events() {
             }
             other => panic!("duration attribute is an f64: {other:?}"),
         }
+        // Held up from the stall's start (an upper bound: when its timer fired is unknown)
+        // to its first poll after the stall.
+        match get("tokio.eventloop.stall.wait") {
+            Some(Value::F64(seconds)) => assert!(
+                seconds >= duration.as_secs_f64()
+                    && seconds <= (duration + TOLERANCE).as_secs_f64(),
+                "{name} waited the stall's length: {seconds} s, stall {duration:?}"
+            ),
+            other => panic!("wait attribute is an f64: {other:?}"),
+        }
+        assert_eq!(
+            get("tokio.eventloop.stall.wait.exact"),
+            Some(Value::Bool(false))
+        );
         assert_eq!(
             get("tokio.eventloop.stall.trace_id"),
             Some(Value::from(stall.span_context.trace_id().to_string()))
@@ -182,14 +196,14 @@ fn stall_with_waiters(h: &Harness, waits: &[u64]) -> usize {
         .count()
 }
 
-/// `max_victims` caps the victim events per stall, whoever marks them: three waiters finish
-/// the moment the stall ends (marked by looplag's layer as their spans close), two long
-/// after (marked by the watchdog). With a cap of 2, exactly two get the event and the stall
-/// counts the other three as dropped.
+/// `max_victims` caps the victim events per stall: five waiters' timers fire during the
+/// stall (they finish the moment it ends), one idle waiter's timer fires long after it (not
+/// a victim, so not counted either way). With a cap of 2, exactly two get the event and
+/// the stall counts the other three as dropped.
 #[test]
 fn max_victims_caps_the_events_and_counts_the_rest() {
     let h = harness(|b| b.max_victims(2));
-    let marked = stall_with_waiters(&h, &[50, 50, 50, 700, 700]);
+    let marked = stall_with_waiters(&h, &[50, 50, 50, 100, 100, 900]);
 
     let ended = &h.ended_reports()[0];
     assert_eq!((ended.victims, ended.victims_dropped), (2, 3), "{ended:#?}");

@@ -66,8 +66,8 @@ fn ended_report(reports: &mpsc::Receiver<StallReport>) -> StallReport {
     panic!("no ended stall report within 20 s");
 }
 
-/// `/block?ms=300` while three `/fast?ms=800` requests are in flight, on a current-thread
-/// runtime, exported to the collector with `protocol`; checks what the collector received.
+/// `/block?ms=300` while three `/fast?ms=100` requests are in flight (their waits end
+/// during the stall, so they are held up by it), on a current-thread runtime, exported to the collector with `protocol`; checks what the collector received.
 fn block_while_fast_requests_wait(protocol: Protocol) {
     let collector = Collector::start();
     let url = match protocol {
@@ -85,10 +85,10 @@ fn block_while_fast_requests_wait(protocol: Protocol) {
     let state = app::AppState::default();
     let server = Server::start(runtime, state.clone());
 
-    // Three /fast requests waiting 800 ms each, then /block?ms=300 while they wait.
+    // Three /fast requests waiting 100 ms each, then /block?ms=300 while they wait.
     let replies = support::concurrent_gets(
         server.addr,
-        &["/fast?ms=800", "/fast?ms=800", "/fast?ms=800"],
+        &["/fast?ms=100", "/fast?ms=100", "/fast?ms=100"],
         support::received(&state, 3),
         "/block?ms=300",
     );
@@ -207,6 +207,13 @@ fn check_block_scenario(dump: &Dump, service: &str, report: &StallReport, collec
         assert!(
             (seconds - duration.as_secs_f64()).abs() < 1e-3,
             "victim event duration {seconds} s = stall span duration {duration:?}"
+        );
+        let wait = get("tokio.eventloop.stall.wait")
+            .and_then(|a| a.double())
+            .expect("the victim event's wait is a Double");
+        assert!(
+            wait >= seconds - 1e-3 && wait <= seconds + 0.2,
+            "held up about the stall's length: {wait} s, stall {seconds} s"
         );
         assert!(
             victim

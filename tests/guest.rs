@@ -34,7 +34,7 @@ fn a_debug_event_behind_an_info_filter_stays_off_and_the_stall_is_still_reported
         |b| b,
         |looplag, tracer| {
             tracing_subscriber::registry()
-                .with(looplag.layer())
+                .with(looplag.filtered_layer())
                 .with(
                     tracing_opentelemetry::layer()
                         .with_tracer(tracer)
@@ -99,22 +99,37 @@ fn a_bare_looplag_layer_would_switch_debug_events_on() {
             "a bare layer wants everything"
         );
     });
-    let filtered = tracing_subscriber::registry().with(looplag.layer()).with(
-        tracing_subscriber::fmt::layer()
-            .with_test_writer()
-            .with_filter(LevelFilter::INFO),
-    );
+    let filtered = tracing_subscriber::registry()
+        .with(looplag.filtered_layer())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(LevelFilter::INFO),
+        );
     tracing::subscriber::with_default(filtered, || {
         assert!(!tracing::enabled!(Level::DEBUG));
         assert!(tracing::enabled!(Level::INFO));
     });
 }
 
-/// With `span_level(INFO)` looplag does not see a DEBUG span: the stall in it is reported
+/// The common harness, with looplag's per-layer-filtered layer (`span_level` applies to it).
+fn filtered_harness(
+    configure: impl FnOnce(looplag::Builder) -> looplag::Builder,
+) -> common::Harness {
+    harness_with(configure, |looplag, tracer| {
+        tracing_subscriber::registry()
+            .with(looplag.filtered_layer())
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .try_init()
+            .expect("one global subscriber per test process: run with cargo nextest");
+    })
+}
+
+/// With `span_level(INFO)` the filtered layer does not see a DEBUG span: the stall in it is reported
 /// under the enclosing INFO request span.
 #[test]
 fn a_span_below_span_level_is_invisible_to_looplag() {
-    let h = harness(|b| b.span_level(Level::INFO));
+    let h = filtered_harness(|b| b.span_level(Level::INFO));
     assert_eq!(h.looplag.span_level(), Level::INFO);
     let runtime = multi_thread(&h.looplag, 2);
     let report = h.stall_in_span(
@@ -133,7 +148,7 @@ fn a_span_below_span_level_is_invisible_to_looplag() {
 /// innermost span.
 #[test]
 fn the_default_span_level_sees_debug_spans() {
-    let h = harness(|b| b);
+    let h = filtered_harness(|b| b);
     assert_eq!(h.looplag.span_level(), looplag::DEFAULT_SPAN_LEVEL);
     assert_eq!(looplag::DEFAULT_SPAN_LEVEL, Level::DEBUG);
     let runtime = multi_thread(&h.looplag, 2);

@@ -220,7 +220,7 @@ pub(crate) const SETTINGS: [Setting; COUNT] = [
         default: "debug",
         range: Range::Any,
         accepted: "`trace`, `debug`, `info`, `warn` or `error`",
-        note: "spans at or above it exist for looplag",
+        note: "`filtered_layer()` only: spans at or above it exist for looplag",
     },
     Setting {
         method: "library_prefixes",

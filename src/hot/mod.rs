@@ -5,6 +5,5 @@
 
 pub(crate) mod close_gate;
 pub(crate) mod doze;
-pub(crate) mod epoch;
 pub(crate) mod slots;
 pub(crate) mod sync;

@@ -48,8 +48,22 @@ pub(crate) use crate::clock::TS_MASK;
 const _: () = assert!(TS_MASK == BUSY - 1);
 /// How many entered spans a slot remembers; deeper spans are counted, not recorded.
 pub(crate) const STACK_DEPTH: usize = 32;
-/// How many recent poll-level span ids a slot remembers for victim attribution.
-pub(crate) const RING: usize = 64;
+/// The state bits of [`Slot::window`]; the bits above hold the start of the stalled poll
+/// whose end opened the window, so that each stall has its own window.
+const WINDOW_STATE: u64 = 0b11;
+/// The victim window: none open.
+const WINDOW_NONE: u64 = 0;
+/// The victim window is open: the polls starting now were queued behind the stall.
+const WINDOW_OPEN: u64 = 1;
+/// The victim window is open and the worker has parked once since the stall ended.
+const WINDOW_PARKED: u64 = 2;
+/// The victim window is closed.
+const WINDOW_CLOSED: u64 = 3;
+/// A park that slept less than this after a stall found work already waiting in tokio's
+/// driver (timers that expired and I/O that became ready during the stall): the polls after
+/// it still belong to the stall's backlog. A longer one slept: what woke it came later. The
+/// time the thread waited for a CPU (a preempted thread on a busy machine) is not sleep.
+const IMMEDIATE_UNPARK: Duration = Duration::from_millis(1);
 
 static NEXT_THREAD_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -107,17 +121,6 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Slot) -> R) -> Option<R> {
     }
 }
 
-/// Whether the calling thread has a slot and is inside a span it entered since: then the
-/// registry's current span is set too (the registry pushes a span before the layer sees the
-/// enter, and pops it before the layer sees the exit). `false` says nothing: the thread may
-/// have no slot, or have entered its spans before it got one. One assumption: the entered
-/// span belongs to the subscriber now in use (true unless a thread switches between
-/// looplag-layered subscribers while inside a span).
-#[inline]
-pub(crate) fn inside_entered_span() -> bool {
-    with_current(|slot| slot.depth.load(Ordering::Relaxed) > 0).unwrap_or(false)
-}
-
 /// One runtime worker thread's state.
 ///
 /// Many fields, on purpose: the owner's hot-path atomics and the identity the watchdog reads
@@ -128,15 +131,19 @@ pub(crate) struct Slot {
     end: AtomicU64,
     /// The owner's CPU time (ns) when a flagged poll ended, published with `end`.
     end_cpu: AtomicU64,
-    /// The roots epoch started when a flagged poll ended (`epoch::advance`): the
-    /// roots created before the end have an earlier one. Published with `end`.
-    end_roots: AtomicU64,
+    /// The victim window after a flagged poll ended: the poll's start shifted left by 2, and
+    /// the state (`WINDOW_*`). Open from the end until the worker has run the backlog the
+    /// stall left (see `window_park`); the requests whose polls start in it are marked
+    /// (`victims`). Written by the owner, closed by either.
+    window: AtomicU64,
+    /// Raw clock of the first park in the open window (owner only).
+    window_park_at: AtomicU64,
+    /// The owner's run-queue delay (ns) then (owner only).
+    window_park_delay: AtomicU64,
     depth: AtomicUsize,
     base: AtomicUsize,
     stack: [AtomicU64; STACK_DEPTH],
     parked: AtomicBool,
-    ring: [AtomicU64; RING],
-    ring_head: AtomicUsize,
     task_id: AtomicU64,
     spawned_at: AtomicPtr<Location<'static>>,
     dead: AtomicBool,
@@ -172,13 +179,11 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// A poll the watchdog flagged: the flagged activity word, the raw time of the flag and
-/// the roots epoch it started.
+/// A poll the watchdog flagged: the flagged activity word and the raw time of the flag.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Flag {
     pub(crate) word: u64,
     pub(crate) at: u64,
-    pub(crate) roots_before: u64,
 }
 
 /// When a flagged poll ended.
@@ -188,8 +193,21 @@ pub(crate) struct PollEnd {
     pub(crate) at: u64,
     /// The owner's CPU time at the end, when it published one.
     pub(crate) cpu: Option<Duration>,
-    /// Local roots with an epoch below this were created before the end.
-    pub(crate) roots_before: u64,
+}
+
+/// A poll that started in an open victim window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WindowPoll {
+    /// Raw clock of the poll's start.
+    pub(crate) start: u64,
+    /// Raw clock of the start of the stalled poll whose window it is.
+    pub(crate) stall: u64,
+}
+
+/// Whether a victim window value is open.
+#[inline]
+fn window_open(window: u64) -> bool {
+    matches!(window & WINDOW_STATE, WINDOW_OPEN | WINDOW_PARKED)
 }
 
 /// What the watchdog reads of a slot in one go.
@@ -234,13 +252,13 @@ impl Slot {
             word: AtomicU64::new(0),
             end: AtomicU64::new(0),
             end_cpu: AtomicU64::new(0),
-            end_roots: AtomicU64::new(0),
+            window: AtomicU64::new(WINDOW_NONE),
+            window_park_at: AtomicU64::new(0),
+            window_park_delay: AtomicU64::new(0),
             depth: AtomicUsize::new(0),
             base: AtomicUsize::new(0),
             stack: std::array::from_fn(|_| AtomicU64::new(0)),
             parked: AtomicBool::new(false),
-            ring: std::array::from_fn(|_| AtomicU64::new(0)),
-            ring_head: AtomicUsize::new(0),
             task_id: AtomicU64::new(0),
             spawned_at: AtomicPtr::new(ptr::null_mut()),
             dead: AtomicBool::new(false),
@@ -280,16 +298,17 @@ impl Slot {
             return;
         }
         if current & FLAGGED != 0 {
-            self.publish_flagged_end();
+            self.publish_flagged_end(current);
         }
         self.word.store(current & TS_MASK, Ordering::Release);
     }
 
-    /// A flagged poll ends: publish the end time and the CPU time (rare: stalls only).
+    /// A flagged poll ends: publish the end time and the CPU time, and open the victim
+    /// window (rare: stalls only).
     #[cold]
-    fn publish_flagged_end(&self) {
-        self.end_roots
-            .store(crate::hot::epoch::advance(), Ordering::Relaxed);
+    fn publish_flagged_end(&self, flagged: u64) {
+        self.window
+            .store(((flagged & TS_MASK) << 2) | WINDOW_OPEN, Ordering::Relaxed);
         self.end.store(crate::clock::raw(), Ordering::Relaxed);
         let cpu = self
             .cpu_clock
@@ -298,10 +317,13 @@ impl Slot {
         self.end_cpu.store(cpu, Ordering::Relaxed);
     }
 
-    /// A span was entered on this thread.
+    /// A span was entered on this thread. Returns the poll it begins when that poll starts in
+    /// an open victim window (the caller marks the span's request as a victim, see
+    /// `victims`), else `None`.
     #[inline]
-    pub(crate) fn enter(&self, id: u64) {
+    pub(crate) fn enter(&self, id: u64) -> Option<WindowPoll> {
         let depth = self.depth.load(Ordering::Relaxed);
+        let mut in_window = None;
         if depth == self.base.load(Ordering::Relaxed) {
             // A current-thread runtime's thread is only a worker inside `block_on`.
             if !self.poll_hooks
@@ -309,12 +331,19 @@ impl Slot {
             {
                 self.poll_start();
             }
-            self.record_poll_span(id);
+            let window = self.window.load(Ordering::Relaxed);
+            if window_open(window) {
+                in_window = Some(WindowPoll {
+                    start: self.word.load(Ordering::Relaxed) & TS_MASK,
+                    stall: window >> 2,
+                });
+            }
         }
         if let Some(entry) = self.stack.get(depth) {
             entry.store(id, Ordering::Relaxed);
         }
         self.depth.store(depth.saturating_add(1), Ordering::Release);
+        in_window
     }
 
     /// A span was exited on this thread.
@@ -353,23 +382,14 @@ impl Slot {
         }
     }
 
-    /// Records a poll-level span in the ring, unless it is the one recorded last (only the
-    /// owner writes the ring, so reading back its own last entry needs no extra field).
-    #[inline]
-    fn record_poll_span(&self, id: u64) {
-        let head = self.ring_head.load(Ordering::Relaxed);
-        if self.ring[head.wrapping_sub(1) % RING].load(Ordering::Relaxed) == id {
-            return;
-        }
-        self.ring[head % RING].store(id, Ordering::Relaxed);
-        self.ring_head
-            .store(head.wrapping_add(1), Ordering::Release);
-    }
-
     /// The worker is about to park: whatever ran is over.
     #[inline]
     pub(crate) fn park(&self) {
         self.poll_end();
+        let window = self.window.load(Ordering::Relaxed);
+        if window_open(window) {
+            self.window_park(window);
+        }
         self.parked.store(true, Ordering::Release);
     }
 
@@ -379,7 +399,66 @@ impl Slot {
     pub(crate) fn unpark(&self) {
         self.base
             .store(self.depth.load(Ordering::Relaxed), Ordering::Relaxed);
+        let window = self.window.load(Ordering::Relaxed);
+        if window & WINDOW_STATE == WINDOW_PARKED {
+            self.window_unpark(window);
+        }
         self.parked.store(false, Ordering::Release);
+    }
+
+    /// A park in an open victim window. The tasks queued behind the stall run before the
+    /// first park after it. When nobody turned tokio's driver during the stall (always on a
+    /// current-thread runtime), the timers that expired and the I/O that became ready then
+    /// reach it at that park (or earlier, between polls), and their tasks run right after
+    /// it: that park returns at once (`window_unpark`), and the window closes at the second
+    /// park. When another worker turned the driver during the stall, it ran what it woke;
+    /// the stalled worker's first park then finds nothing ready and sleeps, which closes the
+    /// window.
+    #[cold]
+    fn window_park(&self, window: u64) {
+        match window & WINDOW_STATE {
+            WINDOW_OPEN => {
+                self.window_park_delay
+                    .store(self.run_delay_ns(), Ordering::Relaxed);
+                self.window_park_at
+                    .store(crate::clock::raw(), Ordering::Relaxed);
+                self.move_window(window, WINDOW_PARKED);
+            }
+            _ => self.move_window(window, WINDOW_CLOSED),
+        }
+    }
+
+    /// The first unpark in an open victim window: a park that slept ends the window, since
+    /// what woke the worker came after the stall.
+    #[cold]
+    fn window_unpark(&self, window: u64) {
+        let parked_at = self.window_park_at.load(Ordering::Relaxed);
+        let wall = crate::clock::delta(parked_at, crate::clock::raw());
+        let waited_for_cpu = self
+            .run_delay_ns()
+            .saturating_sub(self.window_park_delay.load(Ordering::Relaxed));
+        let slept = wall.saturating_sub(Duration::from_nanos(waited_for_cpu));
+        if slept >= IMMEDIATE_UNPARK {
+            self.move_window(window, WINDOW_CLOSED);
+        }
+    }
+
+    /// The owner's total run-queue delay in ns (0 when unknown).
+    fn run_delay_ns(&self) -> u64 {
+        crate::diagnose::run_delay(self.stack_target.tid()).map_or(0, |delay| {
+            u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
+    /// Moves the window from `window` to the state `to`, unless the watchdog closed it
+    /// meanwhile.
+    fn move_window(&self, window: u64, to: u64) {
+        let _ = self.window.compare_exchange(
+            window,
+            (window & !WINDOW_STATE) | to,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
     }
 
     /// A task poll starts (tokio's poll hook): remember the task, then start the poll.
@@ -432,8 +511,25 @@ impl Slot {
         Some(PollEnd {
             at: end,
             cpu: (cpu != 0).then(|| Duration::from_nanos(cpu)),
-            roots_before: self.end_roots.load(Ordering::Relaxed),
         })
+    }
+
+    /// Whether the victim window of the flagged poll `flag_word` is closed (or was never
+    /// opened: the owner missed the flag).
+    pub(crate) fn window_closed(&self, flag_word: u64) -> bool {
+        let window = self.window.load(Ordering::Acquire);
+        window >> 2 != flag_word & TS_MASK || !window_open(window)
+    }
+
+    /// Closes the victim window of the flagged poll `flag_word` (the watchdog's bound, for a
+    /// worker that does not park), unless another stall's window is open.
+    pub(crate) fn close_window(&self, flag_word: u64) {
+        let _ = self
+            .window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |window| {
+                (window >> 2 == flag_word & TS_MASK && window_open(window))
+                    .then_some((window & !WINDOW_STATE) | WINDOW_CLOSED)
+            });
     }
 
     /// The owner's CPU time now, if it can be read.
@@ -454,7 +550,6 @@ impl Slot {
         Some(self.published_end(flag.word & TS_MASK).unwrap_or(PollEnd {
             at: flag.at,
             cpu: None,
-            roots_before: flag.roots_before,
         }))
     }
 
@@ -465,21 +560,6 @@ impl Slot {
             .take(depth.min(STACK_DEPTH))
             .map(|id| id.load(Ordering::Relaxed))
             .filter(|&id| id != 0)
-    }
-
-    /// Calls `f` with each poll-level span id recorded since `cursor`, oldest first, and
-    /// advances `cursor`. Entries overwritten before they were read are skipped.
-    pub(crate) fn drain_poll_spans(&self, cursor: &mut usize, mut f: impl FnMut(u64)) {
-        let head = self.ring_head.load(Ordering::Acquire);
-        let mut from = *cursor;
-        if head.wrapping_sub(from) > RING {
-            from = head.wrapping_sub(RING);
-        }
-        while from != head {
-            f(self.ring[from % RING].load(Ordering::Relaxed));
-            from = from.wrapping_add(1);
-        }
-        *cursor = head;
     }
 
     /// The task being polled, when tokio's poll hooks report it.

@@ -3,34 +3,32 @@
 //! its `Span` extension). Every lookup of a span that may be closing goes through the close
 //! gate (`hot::close_gate`).
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use tracing::span::Id;
 use tracing::{Dispatch, Subscriber};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::hot::close_gate::{self, Closing};
-use crate::victims::roots::{roots, RootInfo};
+use crate::victims::SpanLookups;
 
-/// What the watchdog learns about the span a stalled thread is in.
 #[derive(Debug)]
 pub(crate) struct SpanInfo {
     /// The span's name.
     pub(crate) name: &'static str,
-    /// The span's OpenTelemetry context, when `tracing-opentelemetry` is installed.
+    /// The span's OpenTelemetry context, when `tracing-opentelemetry` is installed and sees
+    /// the span.
     pub(crate) context: Option<opentelemetry::Context>,
-    /// The local root of the span's trace.
-    pub(crate) root: Option<Arc<RootInfo>>,
+    /// The span id of the local root of the span's trace.
+    pub(crate) root: Option<u64>,
 }
 
 /// Span lookups, monomorphised for the subscriber the layer was registered with.
 #[derive(Clone, Copy)]
 struct Lookups {
     span_info: fn(&Dispatch, u64) -> Option<SpanInfo>,
-    root_id_of: fn(&Dispatch, u64) -> Option<u64>,
-    root_context: fn(&Dispatch, &RootInfo, bool) -> Option<opentelemetry::Context>,
+    root_context: fn(&Dispatch, u64) -> Option<opentelemetry::Context>,
+    is_open: fn(&Dispatch, u64) -> bool,
 }
 
 impl Lookups {
@@ -40,8 +38,8 @@ impl Lookups {
     {
         Lookups {
             span_info: span_info::<S>,
-            root_id_of: root_id_of::<S>,
             root_context: root_context::<S>,
+            is_open: is_open::<S>,
         }
     }
 }
@@ -49,9 +47,8 @@ impl Lookups {
 /// The subscriber the layer was last registered with, and its lookups.
 static DISPATCH: Mutex<Option<(tracing::dispatcher::WeakDispatch, Lookups)>> = Mutex::new(None);
 
-/// Remembers the subscriber a layer was registered with (called from
-/// `on_register_dispatch`).
-pub(crate) fn register<S>(subscriber: &Dispatch)
+/// Remembers the subscriber a layer was registered with (from `on_register_dispatch`).
+pub(super) fn register<S>(subscriber: &Dispatch)
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -75,34 +72,43 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// A handle on the subscriber the layer lives in, for the watchdog thread.
+/// A handle on the subscriber the layer lives in.
 pub(crate) struct SpanAccess {
     dispatch: Dispatch,
     lookups: Lookups,
 }
 
 impl SpanAccess {
-    /// Name, OpenTelemetry context and root of the open span `id`.
+    /// Name, OpenTelemetry context and root of the open span `id` (watchdog thread).
     pub(crate) fn span_info(&self, id: u64) -> Option<SpanInfo> {
         close_gate::while_no_span_closes(|| (self.lookups.span_info)(&self.dispatch, id))
     }
 
-    /// The span id of the local root of the open span `id` (`id` itself for a root).
-    pub(crate) fn root_id_of(&self, id: u64) -> Option<u64> {
-        (self.lookups.root_id_of)(&self.dispatch, id)
+    /// The OpenTelemetry context of the local root span `id`, if it is open and not closing
+    /// (watchdog thread).
+    pub(crate) fn open_root_context(&self, id: u64) -> Option<opentelemetry::Context> {
+        close_gate::while_no_span_closes(|| (self.lookups.root_context)(&self.dispatch, id))
     }
 
-    /// The OpenTelemetry context of an in-flight root, if it is still open.
-    pub(crate) fn root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
-        close_gate::while_no_span_closes(|| {
-            (self.lookups.root_context)(&self.dispatch, root, false)
-        })
+    /// Whether the span `id` is still open.
+    pub(crate) fn is_open(&self, id: u64) -> bool {
+        (self.lookups.is_open)(&self.dispatch, id)
     }
 
-    /// The OpenTelemetry context of a root, asked from its own `on_close`: the span cannot
-    /// finish closing meanwhile, so no gate is needed.
-    pub(super) fn closing_root_context(&self, root: &RootInfo) -> Option<opentelemetry::Context> {
-        (self.lookups.root_context)(&self.dispatch, root, true)
+    /// The OpenTelemetry context of the span `id`, asked on a thread inside one of its
+    /// descendants (or itself): it cannot close meanwhile, so no gate is needed.
+    pub(super) fn entered_context(&self, id: &Id) -> Option<opentelemetry::Context> {
+        tracing_opentelemetry::get_otel_context(id, &self.dispatch)
+    }
+}
+
+impl SpanLookups for SpanAccess {
+    fn open_root_context(&self, id: u64) -> Option<opentelemetry::Context> {
+        SpanAccess::open_root_context(self, id)
+    }
+
+    fn is_open(&self, id: u64) -> bool {
+        SpanAccess::is_open(self, id)
     }
 }
 
@@ -122,7 +128,7 @@ where
     let id = span_id(id)?;
     // Holding `span` keeps the registry slot, so `id` cannot be reused meanwhile.
     let span = subscriber.span(&id)?;
-    let root_id = span
+    let root = span
         .scope()
         .from_root()
         .next()
@@ -136,12 +142,6 @@ where
     };
     let name = span.name();
     drop(span);
-    let root = root_id.and_then(|root_id| {
-        roots()
-            .find(&HashSet::from([root_id]))
-            .into_iter()
-            .find(|root| !root.closed.load(Ordering::Acquire))
-    });
     Some(SpanInfo {
         name,
         context,
@@ -149,43 +149,63 @@ where
     })
 }
 
-fn root_id_of<S>(dispatch: &Dispatch, id: u64) -> Option<u64>
+/// The OpenTelemetry context of the open local root `id`; the caller holds the close gate,
+/// and the closers' announcements are read first (see `close_gate`).
+fn root_context<S>(dispatch: &Dispatch, id: u64) -> Option<opentelemetry::Context>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let subscriber = dispatch.downcast_ref::<S>()?;
-    let id = span_id(id)?;
-    let span = subscriber.span(&id)?;
-    let root = span.scope().from_root().next()?;
-    Some(root.id().into_u64())
-}
-
-/// The OpenTelemetry context of an in-flight root. `own_close`: asked from the root's own
-/// `on_close`, where it cannot finish closing meanwhile; otherwise the caller holds the close
-/// gate and the closers' announcements are read first (see `close_gate`).
-fn root_context<S>(
-    dispatch: &Dispatch,
-    root: &RootInfo,
-    own_close: bool,
-) -> Option<opentelemetry::Context>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    let subscriber = dispatch.downcast_ref::<S>()?;
-    if !own_close && (root.closed.load(Ordering::Acquire) || close_gate::may_be_closing(root.id)) {
+    if close_gate::may_be_closing(id) {
         return None;
     }
-    let id = span_id(root.id)?;
-    // A root that closed on another thread than its creator's is not marked closed, but
-    // its span is gone: the registry's ids are not reused for a long time (its slab keeps
-    // a generation per slot), and a root never has a parent.
+    let id = span_id(id)?;
+    // The registry's ids are not reused for a long time (its slab keeps a generation per
+    // slot), and a root never has a parent.
     let span = subscriber.span(&id)?;
     let closing = span.extensions().get::<Closing>().is_some();
-    // Not a closing span: see `span_info` and `close_gate`.
     if span.parent().is_some() || closing {
         return None;
     }
     let context = tracing_opentelemetry::get_otel_context(&id, dispatch);
     drop(span);
     context
+}
+
+fn is_open<S>(dispatch: &Dispatch, id: u64) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(subscriber) = dispatch.downcast_ref::<S>() else {
+        return false;
+    };
+    span_id(id).is_some_and(|id| subscriber.span(&id).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::LoopLagLayer;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Span info finds the local root of a nested span, and a closed span is not open.
+    #[test]
+    fn span_info_names_the_root_of_a_nested_span() {
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new(true)));
+        tracing::dispatcher::with_default(&dispatch, || {
+            let root = tracing::info_span!("request");
+            let child = tracing::info_span!(parent: &root, "child");
+            let access = access().expect("the layer registered its subscriber");
+            let root_id = root.id().expect("root id").into_u64();
+            let child_id = child.id().expect("child id").into_u64();
+            let info = access.span_info(child_id).expect("the child is open");
+            assert_eq!(info.name, "child");
+            assert_eq!(info.root, Some(root_id));
+            assert!(info.context.is_none(), "no OpenTelemetry layer here");
+            assert!(access.is_open(root_id));
+            drop(child);
+            drop(root);
+            assert!(!access.is_open(root_id), "a closed span is not open");
+        });
+    }
 }

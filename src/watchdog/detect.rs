@@ -11,9 +11,9 @@ use super::stall::Source;
 use super::workers::WorkerTrack;
 use super::Watch;
 use crate::clock::{self, Anchor};
-use crate::hot::epoch;
 use crate::hot::slots::{Flag, PollEnd, Slot, Snapshot, FLAGGED};
 use crate::layer::SpanAccess;
+use crate::victims;
 
 /// Shortest wait between two checks of an undriven current-thread runtime (the wait is the
 /// stall threshold, but not less): each check interrupts the thread.
@@ -104,11 +104,11 @@ impl Watch {
                 continue;
             }
             let entered: Vec<u64> = slot.entered_spans(snapshot.depth).collect();
+            victims::prepare(slot, snapshot.word | FLAGGED, self.inner.config.max_victims);
             let flagged = slot.flag(snapshot.word);
             let flag = Flag {
                 word: snapshot.word | FLAGGED,
                 at: clock::raw(),
-                roots_before: epoch::advance(),
             };
             let info =
                 access.and_then(|access| entered.iter().rev().find_map(|&id| access.span_info(id)));
@@ -125,9 +125,8 @@ impl Watch {
                     let end = PollEnd {
                         at: flag.at,
                         cpu: None,
-                        roots_before: flag.roots_before,
                     };
-                    self.end(active, end, access);
+                    self.end(active, end);
                 }
             }
         }
@@ -277,7 +276,6 @@ mod tests {
         let flag = Flag {
             word: busy.word | FLAGGED,
             at: clock::raw(),
-            roots_before: epoch::advance(),
         };
         assert!(!is_exact_stall(&slot.snapshot(), 80 * MS, 50 * MS, true));
         assert!(slot.flagged_end(&flag).is_none(), "still in the poll");

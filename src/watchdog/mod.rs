@@ -16,14 +16,12 @@ use opentelemetry::global::BoxedTracer;
 use crate::clock::{self, Anchor};
 use crate::config::{Config, StallCallback};
 use crate::hot::doze::{Doze, IDLE_SAMPLE_INTERVALS};
-use crate::hot::epoch;
 use crate::hot::slots::{PollEnd, Registry, Slot};
 use crate::layer;
 use crate::report::log::Publisher;
 use crate::stack::capture::Capturer;
 use crate::stack::StackSupport;
 use crate::telemetry::Telemetry;
-use crate::victims::PolledRoots;
 use opentelemetry::metrics::Meter;
 use probe::{Collected, Probe};
 use stall::Stalls;
@@ -129,7 +127,6 @@ struct Watch {
     dozed: Duration,
     telemetry: Telemetry,
     workers: Workers,
-    polled: PolledRoots,
     stalls: Stalls,
     stacks: Capturer,
     publisher: Publisher,
@@ -156,7 +153,6 @@ impl Watch {
             dozed: Duration::ZERO,
             telemetry: Telemetry::new(inner.meter.as_ref(), &inner.config.runtime_name),
             workers: Workers::new(multi_thread, clock::raw()),
-            polled: PolledRoots::default(),
             stalls: Stalls::new(config.max_culprit_functions),
             stacks: Capturer::new(
                 config.stacks,
@@ -190,13 +186,10 @@ impl Watch {
         self.shut_down = self.shut_down || self.probe.runtime_shut_down();
         let slots = self.inner.registry.live();
         let access = layer::access();
-        if let Some(access) = &access {
-            self.polled.track(&slots, |id| access.root_id_of(id));
-        }
         self.workers.track(&self.handle.metrics(), &slots, now);
         self.workers.track_cpu(&slots, now);
         self.attach_stacks();
-        self.check_active(now, access.as_ref());
+        self.check_active(now);
         self.detect_exact(&slots, now, &anchor, access.as_ref());
         if !self.inner.registry.poll_hooks.load(Ordering::Relaxed)
             && (self.workers.multi_thread || self.inner.config.stacks == StackSupport::Enabled)
@@ -260,14 +253,12 @@ impl Watch {
     /// The watchdog is stopping: close every open stall at the current time.
     fn finish(&mut self) {
         let anchor = Anchor::now();
-        let access = layer::access();
         while let Some(active) = self.stalls.active.pop() {
             let end = PollEnd {
                 at: anchor.raw,
                 cpu: None,
-                roots_before: epoch::advance(),
             };
-            self.end(active, end, access.as_ref());
+            self.end(active, end);
         }
         // Give pending stacks a moment to arrive before ending their spans without them.
         let deadline = Instant::now() + Duration::from_secs(2);

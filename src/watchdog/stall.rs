@@ -15,15 +15,14 @@ use super::detect::report_due;
 use super::Watch;
 use crate::clock::{self, Anchor};
 use crate::diagnose::{Diagnosis, StallKind};
-use crate::hot::epoch;
 use crate::hot::slots::{Flag, PollEnd, Slot};
-use crate::layer::{SpanAccess, SpanInfo};
+use crate::layer::SpanInfo;
 use crate::report::{Culprit, StackCapture, StallReport, StallState};
 use crate::stack;
 use crate::stack::culprit::{MetricNames, MetricValue};
 use crate::stack::symbolizer::Symbolized;
 use crate::telemetry::{self, self as names};
-use crate::victims::{self, Pending, PendingGuard};
+use crate::victims::{self, Pending, PendingGuard, SpanLookups};
 
 /// How long an ended stall's span and last report wait for its stack's symbols.
 const SYMBOLS_WAIT: Duration = Duration::from_secs(10);
@@ -87,13 +86,21 @@ impl Active {
     }
 }
 
-/// A stall that ended, waiting for its stack to be symbolized.
+/// A stall that ended, waiting for its stack to be symbolized and its victims marked.
 pub(super) struct Ended {
     active: Active,
     duration: Duration,
-    victims: usize,
-    dropped: usize,
     since: u64,
+}
+
+impl Ended {
+    /// Whether every victim of the stall has been marked, at raw time `now`.
+    fn victims_settled(&self, now: u64) -> bool {
+        self.active
+            .pending
+            .as_ref()
+            .is_none_or(|pending| pending.settled(self.since, now))
+    }
 }
 
 /// The stalls the watchdog is following.
@@ -196,7 +203,10 @@ impl Watch {
             .add(1, &self.metric_attributes(diagnosis.kind));
 
         let start_time = anchor.system_time(start);
-        let attributes = self.span_attributes(&source, slot.as_deref(), task, &diagnosis);
+        let mut attributes = self.span_attributes(&source, slot.as_deref(), task, &diagnosis);
+        if let Some(info) = info.as_ref().filter(|info| info.context.is_none()) {
+            attributes.extend(victims::orphan_attributes(info.name));
+        }
         let parent = info
             .as_ref()
             .and_then(|info| info.context.clone())
@@ -208,21 +218,19 @@ impl Watch {
         let span = telemetry::start_span(self.inner.tracer.as_ref(), builder, &parent);
         let span_context = span.span_context().clone();
         let elapsed = clock::delta(start, now);
+        let access = crate::layer::access();
         let pending = match &source {
-            Source::Exact { slot, flag } if self.inner.config.max_victims > 0 => {
-                Some(PendingGuard::register(Pending {
-                    slot: Arc::clone(slot),
-                    flag: *flag,
+            Source::Exact { slot, flag } => PendingGuard::start(
+                slot,
+                flag.word,
+                Pending {
                     start,
                     start_time,
                     stall: span_context.clone(),
-                    exclude: info
-                        .as_ref()
-                        .and_then(|info| info.root.as_ref())
-                        .map(|root| root.token),
-                    limit: self.inner.config.max_victims,
-                }))
-            }
+                    exclude: info.as_ref().and_then(|info| info.root),
+                },
+                access.as_ref().map(|access| access as &dyn SpanLookups),
+            ),
             _ => None,
         };
         let active = Active {
@@ -291,14 +299,10 @@ impl Watch {
 
     /// Ends the stalls whose poll returned (or whose estimate moved on), and publishes a
     /// report for each one still going whose duration doubled since its last report.
-    pub(super) fn check_active(&mut self, now: u64, access: Option<&SpanAccess>) {
+    pub(super) fn check_active(&mut self, now: u64) {
         let mut index = 0;
         while index < self.stalls.active.len() {
-            let ended_now = || PollEnd {
-                at: now,
-                cpu: None,
-                roots_before: epoch::advance(),
-            };
+            let ended_now = || PollEnd { at: now, cpu: None };
             let ended = match &self.stalls.active[index].source {
                 Source::Exact { slot, flag } => {
                     if slot.is_dead() {
@@ -320,7 +324,7 @@ impl Watch {
             match ended {
                 Some(end) => {
                     let active = self.stalls.active.swap_remove(index);
-                    self.end(active, end, access);
+                    self.end(active, end);
                 }
                 None => {
                     let active = &mut self.stalls.active[index];
@@ -341,11 +345,11 @@ impl Watch {
         }
     }
 
-    /// A stall ended: its kind and the victims now, while the victims are still open; the
-    /// duration histogram, its span and last report once its stack is symbolized (the
-    /// histogram carries the culprit's function, known only then; its value is the duration
-    /// measured now).
-    pub(super) fn end(&mut self, mut active: Active, end: PollEnd, access: Option<&SpanAccess>) {
+    /// A stall ended: its kind now; the duration histogram, its span and last report once its
+    /// stack is symbolized and its victims are marked (on the worker, as it runs the stall's
+    /// backlog: see `victims`). The histogram carries the culprit's function, known only
+    /// then; its value is the duration measured now.
+    pub(super) fn end(&mut self, mut active: Active, end: PollEnd) {
         let duration = clock::delta(active.start, end.at);
         let tid = active.slot().map(|slot| slot.stack_target.tid());
         let end_cpu = end
@@ -362,47 +366,16 @@ impl Watch {
                 .span
                 .set_attribute(KeyValue::new(names::STALL_CPU_TIME, cpu_time.as_secs_f64()));
         }
-        let pending = active.pending.take();
-        let (victims, dropped) = match (access, active.slot()) {
-            (Some(access), Some(slot)) if self.inner.config.max_victims > 0 => {
-                let stall = victims::EndedStall {
-                    thread: slot.thread_uid,
-                    roots_before: end.roots_before,
-                    culprit: active
-                        .info
-                        .as_ref()
-                        .and_then(|info| info.root.as_ref())
-                        .map(|root| root.token),
-                    limit: self.inner.config.max_victims,
-                    span: &active.span_context,
-                    start_time: active.start_time,
-                    duration,
-                };
-                victims::mark_ended(&stall, pending, |root| access.root_context(root))
-            }
-            _ => (0, 0),
-        };
-        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        active
-            .span
-            .set_attribute(KeyValue::new(names::VICTIMS, as_i64(victims)));
-        if dropped > 0 {
-            active
-                .span
-                .set_attribute(KeyValue::new(names::VICTIMS_DROPPED, as_i64(dropped)));
-        }
         let ended = Ended {
             active,
             duration,
-            victims,
-            dropped,
             since: clock::raw(),
         };
-        if ended.active.stack == StackCapture::Symbolizing {
-            // Everything time-critical is done (the counter at detection, victim events while
-            // the victims are still open); the histogram, the span and the final report wait
-            // for the symbols, a moment at most, so that a stall right after start-up still
-            // gets its stack and culprit without making the watchdog miss the next stalls.
+        if ended.active.stack == StackCapture::Symbolizing || !ended.victims_settled(ended.since) {
+            // Everything time-critical is done (the counter at detection); the histogram, the
+            // span and the final report wait for the symbols and the victims, a moment at
+            // most, so that a stall right after start-up still gets its stack and culprit
+            // without making the watchdog miss the next stalls.
             self.stalls.finishing.push(ended);
         } else {
             self.finish_ended(ended);
@@ -413,6 +386,16 @@ impl Watch {
     /// culprit on the span (once), ends it and publishes the final report.
     fn finish_ended(&mut self, mut ended: Ended) {
         let active = &mut ended.active;
+        let (victims, dropped) = active.pending.take().map_or((0, 0), PendingGuard::finish);
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        active
+            .span
+            .set_attribute(KeyValue::new(names::VICTIMS, as_i64(victims)));
+        if dropped > 0 {
+            active
+                .span
+                .set_attribute(KeyValue::new(names::VICTIMS_DROPPED, as_i64(dropped)));
+        }
         if active.stack == StackCapture::Symbolizing {
             active.stack = StackCapture::Failed("symbolizing the stack took too long".to_string());
             active.culprit = Culprit::NoStack;
@@ -463,8 +446,8 @@ impl Watch {
             .end_with_timestamp(active.start_time + ended.duration);
         active.reports = active.reports.saturating_add(1);
         let mut report = self.report(active, ended.duration, StallState::Ended);
-        report.victims = ended.victims;
-        report.victims_dropped = ended.dropped;
+        report.victims = victims;
+        report.victims_dropped = dropped;
         self.publisher.publish(&report);
     }
 
@@ -485,7 +468,7 @@ impl Watch {
         let waiting = std::mem::take(&mut self.stalls.finishing);
         for ended in waiting {
             if force
-                || ended.active.stack != StackCapture::Symbolizing
+                || (ended.active.stack != StackCapture::Symbolizing && ended.victims_settled(now))
                 || clock::delta(ended.since, now) >= SYMBOLS_WAIT
             {
                 self.finish_ended(ended);

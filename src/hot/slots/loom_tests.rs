@@ -130,7 +130,6 @@ fn watchdog(
             let flag = super::Flag {
                 word: flagged_word,
                 at: flagged_at,
-                roots_before: 0,
             };
             end = slot.flagged_end(&flag).map(|end| end.at);
             if end.is_some() {
@@ -305,4 +304,71 @@ fn loom_patched_rmw_atomicity() {
         let last = word.load(Ordering::Acquire);
         assert_eq!(last & BUSY, 0, "{last:x}");
     });
+}
+
+/// The victim window (stable protocol, multi-thread runtime): a flagged poll's end opens a
+/// window for that poll only, the next poll sees it with the stalled poll's start, the
+/// owner's park closes it, and once the watchdog has closed it, it stays closed.
+#[test]
+fn loom_victim_window_belongs_to_its_stall_and_closes() {
+    static SEEN_IN_WINDOW: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+    loom::model(|| {
+        let slot = Arc::new(Slot::new(1, false, Some(false)));
+        let owner_slot = Arc::clone(&slot);
+        let worker = thread::spawn(move || {
+            let slot = &owner_slot;
+            slot.unpark();
+            let mut starts = Vec::new();
+            let mut windows = Vec::new();
+            for id in [10, 11] {
+                windows.push(slot.enter(id));
+                starts.push(slot.word.load(Ordering::Relaxed) & TS_MASK);
+                slot.exit(id);
+            }
+            slot.park();
+            (starts, windows)
+        });
+        let mut flagged = None;
+        for _ in 0..3 {
+            let seen = slot.snapshot();
+            if seen.busy() && !seen.flagged() && slot.flag(seen.word) {
+                let flag_word = seen.word | FLAGGED;
+                flagged = Some(flag_word);
+                // As the watchdog: the window is looked at once the poll is seen ended, which
+                // happens-after the owner opened it (if it saw the flag).
+                let flag = super::Flag {
+                    word: flag_word,
+                    at: clock::raw(),
+                };
+                while slot.flagged_end(&flag).is_none() {
+                    thread::yield_now();
+                }
+                // Open for a while: the owner may run a poll in it meanwhile.
+                thread::yield_now();
+                slot.close_window(flag_word);
+                assert!(slot.window_closed(flag_word), "closed by the watchdog");
+                break;
+            }
+        }
+        let (starts, windows) = match worker.join() {
+            Ok(result) => result,
+            Err(_) => panic!("the owner thread panicked"),
+        };
+        assert!(windows[0].is_none(), "the first poll follows no stall");
+        if let Some(poll) = windows[1] {
+            SEEN_IN_WINDOW.store(true, std::sync::atomic::Ordering::Relaxed);
+            let flag_word = flagged.expect("a window only after a flagged poll");
+            assert_eq!(poll.stall, flag_word & TS_MASK, "the window of that stall");
+            assert_eq!(poll.stall, starts[0], "the first poll was the stalled one");
+            assert_eq!(poll.start, starts[1]);
+        }
+        if let Some(flag_word) = flagged {
+            assert!(slot.window_closed(flag_word), "the park closed it");
+        }
+    });
+    assert!(
+        SEEN_IN_WINDOW.load(std::sync::atomic::Ordering::Relaxed),
+        "some interleaving ran a poll in the window"
+    );
 }
