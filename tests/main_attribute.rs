@@ -131,7 +131,11 @@ async fn current_thread_app() {
     // telemetry after some other start-up work.
     tokio::time::sleep(Duration::from_millis(100)).await;
     install_telemetry();
-    blocking_request().await;
+    // In a task, as a server's handlers run: under `--cfg tokio_unstable` polls are taken
+    // from tokio's task poll hooks, which do not see the body of `block_on` itself.
+    tokio::spawn(blocking_request())
+        .await
+        .expect("the request task");
     // Give the watchdog a tick to see the end while the body still runs.
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
