@@ -160,14 +160,13 @@ impl Builder {
         self.with(Id::StallThreshold, Value::Duration(threshold))
     }
 
-    /// Sets how many waiting request spans get the victim event per stall; the rest are
-    /// counted in the stall span's `tokio.eventloop.stall.victims_dropped` attribute.
+    /// Sets how many held-up requests get the victim event per stall; the rest are counted
+    /// in the stall span's `tokio.eventloop.stall.victims_dropped` attribute.
     ///
-    /// `0` turns victim events off, and with them the layer's record of request spans
-    /// (see [`LoopLag::layer`](crate::LoopLag::layer)): a new root span then costs looplag
-    /// nothing, where it otherwise adds about 30 ns (BENCHMARKS.md). Stall spans, stacks and
-    /// metrics are unchanged. Accepted: 0 to 100 000. Environment: `LOOPLAG_MAX_VICTIMS`. By
-    /// default, 1000.
+    /// A victim is a request that was ready to run during the stall and could not: it is
+    /// marked when its first poll after the stall starts on the stalled worker. `0` turns
+    /// victim events off; stall spans, stacks and metrics are unchanged. Accepted: 0 to
+    /// 100 000. Environment: `LOOPLAG_MAX_VICTIMS`. By default, 1000.
     pub fn max_victims(self, max: usize) -> Self {
         self.with(
             Id::MaxVictims,

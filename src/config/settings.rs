@@ -175,7 +175,7 @@ pub(crate) const SETTINGS: [Setting; COUNT] = [
         default: "1000",
         range: Range::Count { max: 100_000 },
         accepted: "a count from 0 to 100000",
-        note: "0: no victim events, and request spans cost looplag nothing",
+        note: "0: no victim events",
     },
     Setting {
         method: "max_stall_logs_per_second",
