@@ -159,13 +159,13 @@ impl LoopLag {
     /// # Filtering
     ///
     /// This layer has no filter of its own: it costs two slot writes per span enter and exit
-    /// and nothing else. Like any unfiltered layer, it keeps an event callsite that the other
-    /// layers' per-layer filters turned off at "sometimes" rather than "never": such an
-    /// event is then checked against the filters each time it is hit, and never recorded.
-    /// In a service whose hot loops hit many filtered-out `debug!` events, that check costs
-    /// more than the layer itself; [`filtered_layer`](LoopLag::filtered_layer) takes no
-    /// interest in events at all, for a registry lookup on every span enter and exit
-    /// (BENCHMARKS.md, "Instructions").
+    /// and nothing else. Like any unfiltered layer, it switches on an event callsite that the
+    /// other layers' per-layer filters turned off: such an event is then built and
+    /// dispatched each time it is hit (no other layer records it; looplag ignores it). In a
+    /// service whose hot loops hit many filtered-out `debug!` events, that costs more than the
+    /// layer itself; [`filtered_layer`](LoopLag::filtered_layer) takes no interest in events
+    /// at all, for a registry lookup on every span enter and exit (BENCHMARKS.md,
+    /// "Instructions").
     ///
     /// A filter applied to the whole subscriber (an `EnvFilter` or `LevelFilter` added with
     /// `.with(filter)` rather than `.with_filter(filter)` on one layer) also filters looplag:

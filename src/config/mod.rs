@@ -41,7 +41,8 @@ pub const DEFAULT_MAX_CULPRIT_FUNCTIONS: usize = 100;
 
 pub(crate) use crate::report::log::StallCallback;
 
-/// Configures and builds a [`LoopLag`]; get one from [`LoopLag::builder`].
+/// Configures and builds a [`LoopLag`](crate::LoopLag); get one from
+/// [`LoopLag::builder`](crate::LoopLag::builder).
 ///
 /// Setters take and return the builder, so calls chain. Nothing is checked until
 /// [`build`](Builder::build), which validates every setting and returns an

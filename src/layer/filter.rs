@@ -27,7 +27,7 @@ use tracing_subscriber::layer::{Context, Filter};
 ///
 /// let looplag = looplag::LoopLag::builder().build()?;
 /// let subscriber = tracing_subscriber::registry()
-///     .with(looplag.layer())
+///     .with(looplag.filtered_layer())
 ///     .with(tracing_subscriber::fmt::layer().with_filter(LevelFilter::INFO));
 /// tracing::subscriber::with_default(subscriber, || {
 ///     // No layer wants DEBUG events: the callsite stays off, looplag or not.
