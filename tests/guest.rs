@@ -125,14 +125,10 @@ fn filtered_harness(
     })
 }
 
-/// With `span_level(INFO)` the filtered layer does not see a DEBUG span: the stall in it is reported
-/// under the enclosing INFO request span.
-#[test]
-fn a_span_below_span_level_is_invisible_to_looplag() {
-    let h = filtered_harness(|b| b.span_level(Level::INFO));
-    assert_eq!(h.looplag.span_level(), Level::INFO);
+/// A 150 ms stall in a DEBUG span `debug_inner` inside an INFO span `request`.
+fn stall_in_a_debug_span_in_a_request(h: &common::Harness) -> looplag::StallReport {
     let runtime = multi_thread(&h.looplag, 2);
-    let report = h.stall_in_span(
+    h.stall_in_span(
         &runtime,
         || tracing::info_span!("request"),
         async {
@@ -140,7 +136,16 @@ fn a_span_below_span_level_is_invisible_to_looplag() {
             std::thread::sleep(Duration::from_millis(150));
         },
         Duration::from_secs(10),
-    );
+    )
+}
+
+/// With `span_level(INFO)` the filtered layer does not see a DEBUG span: the stall in it is reported
+/// under the enclosing INFO request span.
+#[test]
+fn a_span_below_span_level_is_invisible_to_looplag() {
+    let h = filtered_harness(|b| b.span_level(Level::INFO));
+    assert_eq!(h.looplag.span_level(), Level::INFO);
+    let report = stall_in_a_debug_span_in_a_request(&h);
     assert_eq!(report.span_name, Some("request"), "{report:#?}");
 }
 
@@ -151,16 +156,7 @@ fn the_default_span_level_sees_debug_spans() {
     let h = filtered_harness(|b| b);
     assert_eq!(h.looplag.span_level(), looplag::DEFAULT_SPAN_LEVEL);
     assert_eq!(looplag::DEFAULT_SPAN_LEVEL, Level::DEBUG);
-    let runtime = multi_thread(&h.looplag, 2);
-    let report = h.stall_in_span(
-        &runtime,
-        || tracing::info_span!("request"),
-        async {
-            let _inner = tracing::debug_span!("debug_inner").entered();
-            std::thread::sleep(Duration::from_millis(150));
-        },
-        Duration::from_secs(10),
-    );
+    let report = stall_in_a_debug_span_in_a_request(&h);
     assert_eq!(report.span_name, Some("debug_inner"), "{report:#?}");
 }
 
