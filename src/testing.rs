@@ -1,0 +1,317 @@
+//! Tests that fail when their code blocks the runtime: what `#[looplag::test]` runs its
+//! function on ([`__private::Test`]), and the function form for a runtime the test builds
+//! itself ([`assert_no_stalls`]).
+//!
+//! Each test gets its own instance, runtime and watchdog, never the process's global one:
+//! under `cargo test` many tests run at once in one process, and one test's stalls are only
+//! ever reported to that test.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::env::parse_duration;
+use crate::config::Builder;
+use crate::instance::LoopLag;
+use crate::report::{StallReport, StallState};
+
+/// The stall threshold of `#[looplag::test]` and [`assert_no_stalls`] when neither the
+/// attribute's `stall_threshold` nor `LOOPLAG_TEST_STALL_THRESHOLD` sets one: 50 ms.
+///
+/// Measured on a 2-core machine running two CPU hogs (`yes > /dev/null`, twice) and 200
+/// tests at once: once the time a poll spent waiting for a CPU is discounted (see
+/// [`StallReport::run_queue_wait`]), no clean test came near it (README, "Testing for
+/// blocking code"), while `std::thread::sleep(Duration::from_millis(100))` still fails every
+/// time.
+pub const DEFAULT_TEST_STALL_THRESHOLD: Duration = Duration::from_millis(50);
+
+/// The variable that sets the threshold for a whole test suite, e.g. `200ms`.
+pub const TEST_STALL_THRESHOLD_VARIABLE: &str = "LOOPLAG_TEST_STALL_THRESHOLD";
+
+/// The stall reports of one test's runtime, and the threshold they are judged by.
+#[derive(Debug)]
+struct Judge {
+    threshold: Duration,
+    /// Whether the threshold came from the attribute, the variable or the default, for the
+    /// advice line.
+    source: &'static str,
+    ended: Arc<Mutex<Vec<StallReport>>>,
+}
+
+impl Judge {
+    fn new(explicit: Option<Duration>) -> Judge {
+        let (threshold, source) = match explicit {
+            Some(threshold) => (threshold, "set by the test"),
+            None => match std::env::var(TEST_STALL_THRESHOLD_VARIABLE) {
+                Ok(text) => match parse_duration(text.trim()) {
+                    Some(threshold) => (threshold, "set by LOOPLAG_TEST_STALL_THRESHOLD"),
+                    None => panic!(
+                        "looplag: {TEST_STALL_THRESHOLD_VARIABLE}={text:?} is not a duration; \
+                         write a whole number and a unit, us, ms or s, e.g. 200ms"
+                    ),
+                },
+                Err(_) => (DEFAULT_TEST_STALL_THRESHOLD, "the default"),
+            },
+        };
+        Judge {
+            threshold,
+            source,
+            ended: Arc::default(),
+        }
+    }
+
+    /// The instance for a runtime named `name`, reporting its ended stalls here.
+    fn looplag(&self, name: &str) -> LoopLag {
+        let ended = Arc::clone(&self.ended);
+        let name: String = name.chars().take(128).collect();
+        let built = Builder::default()
+            .runtime_name(if name.is_empty() { "test".into() } else { name })
+            .stall_threshold(self.threshold)
+            .on_stall(move |report| {
+                if report.state == StallState::Ended {
+                    if let Ok(mut ended) = ended.lock() {
+                        ended.push(report.clone());
+                    }
+                }
+            })
+            .build();
+        match built {
+            Ok(looplag) => looplag,
+            Err(err) => panic!("looplag: the test's settings: {err}"),
+        }
+    }
+
+    /// Panics with every stall that counts; notes on stderr those a busy machine caused.
+    fn verdict(&self) {
+        let ended = match self.ended.lock() {
+            Ok(mut ended) => std::mem::take(&mut *ended),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        let mut failures = Vec::new();
+        for report in ended {
+            let waited = report.run_queue_wait.unwrap_or_default();
+            if report.duration.saturating_sub(waited) >= self.threshold {
+                failures.push(report);
+            } else {
+                eprintln!(
+                    "looplag: not counted: a {:.1} ms stall, {:.1} ms of it waiting for a CPU \
+                     (a busy machine, not the test's code)",
+                    ms(report.duration),
+                    ms(waited)
+                );
+            }
+        }
+        if failures.is_empty() {
+            return;
+        }
+        panic!("{}", self.message(&failures));
+    }
+
+    fn message(&self, failures: &[StallReport]) -> String {
+        let mut message = format!(
+            "looplag: this test blocked its tokio runtime {} time(s) for longer than {:.0} ms:",
+            failures.len(),
+            ms(self.threshold)
+        );
+        for report in failures {
+            message.push_str(&format!("\n\n{report}"));
+            if let Some(waited) = report.run_queue_wait.filter(|w| !w.is_zero()) {
+                message.push_str(&format!(
+                    "\n    ({:.1} ms of it waiting for a CPU, not counted)",
+                    ms(waited)
+                ));
+            }
+            if report.culprit.frame().is_none() {
+                message.push_str(&format!("\n    {}", no_culprit_note(report)));
+            }
+        }
+        message.push_str(&format!(
+            "\n\nThe threshold is {:.0} ms ({}); change it with \
+             #[looplag::test(stall_threshold = \"200ms\")] or, for the whole suite, \
+             LOOPLAG_TEST_STALL_THRESHOLD=200ms.",
+            ms(self.threshold),
+            self.source
+        ));
+        message
+    }
+}
+
+/// Why a failure names no application frame.
+fn no_culprit_note(report: &StallReport) -> &'static str {
+    use crate::report::StackCapture;
+    match report.stack {
+        StackCapture::Unsupported => {
+            "(no stack: looplag takes stacks on Linux x86_64 only; here a test fails without \
+             naming the function, and a current-thread test sees only polls inside a span)"
+        }
+        StackCapture::Symbolizing => {
+            "(the stack was still being symbolized when the test ended; the frames are lost)"
+        }
+        StackCapture::UnknownThread => "(no stack: the blocked thread is not known)",
+        _ => "(no application frame in the stack)",
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// Runs `run` with `builder`'s runtime watched by looplag, and panics when a poll on it
+/// blocked a worker for longer than the threshold: the function form of `#[looplag::test]`,
+/// for a test that builds its own runtime.
+///
+/// `run` gets the runtime, built from `builder` with looplag's hooks; it usually calls
+/// [`block_on`](tokio::runtime::Runtime::block_on). The threshold is
+/// `LOOPLAG_TEST_STALL_THRESHOLD`, or [`DEFAULT_TEST_STALL_THRESHOLD`]; time the blocked
+/// thread spent waiting for a CPU is not counted. The panic message is the stall report, as
+/// `#[looplag::test]`'s.
+///
+/// # Examples
+///
+/// ```
+/// let mut builder = tokio::runtime::Builder::new_current_thread();
+/// builder.enable_all();
+/// looplag::testing::assert_no_stalls(builder, |runtime| {
+///     runtime.block_on(async {
+///         tokio::task::yield_now().await;
+///     })
+/// });
+/// ```
+pub fn assert_no_stalls<T>(
+    mut builder: tokio::runtime::Builder,
+    run: impl FnOnce(&tokio::runtime::Runtime) -> T,
+) -> T {
+    let judge = Judge::new(None);
+    let name = std::thread::current()
+        .name()
+        .map(|name| name.rsplit("::").next().unwrap_or(name).to_string())
+        .unwrap_or_default();
+    let looplag = judge.looplag(&name);
+    looplag.hook_runtime(&mut builder);
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(err) => panic!("looplag: the test's tokio runtime could not start: {err}"),
+    };
+    let watchdog = match looplag.start(runtime.handle()) {
+        Ok(watchdog) => watchdog,
+        Err(err) => panic!("looplag: the test's watchdog could not start: {err}"),
+    };
+    let output = run(&runtime);
+    drop(watchdog);
+    judge.verdict();
+    output
+}
+
+/// What `#[looplag::test]` expands to. Not a public API: its shape may change in any
+/// release.
+#[doc(hidden)]
+pub(crate) mod __private {
+    use super::*;
+
+    /// How the runtime of one test is configured by hand (`start_paused`).
+    type Configure = Box<dyn FnOnce(&mut tokio::runtime::Builder)>;
+
+    /// The runtime, instance and verdict of one `#[looplag::test]` function.
+    pub struct Test {
+        name: &'static str,
+        current_thread: bool,
+        worker_threads: Option<usize>,
+        threshold: Option<Duration>,
+        configure: Option<Configure>,
+    }
+
+    impl std::fmt::Debug for Test {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Test")
+                .field("name", &self.name)
+                .field("current_thread", &self.current_thread)
+                .field("worker_threads", &self.worker_threads)
+                .field("threshold", &self.threshold)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Test {
+        /// The test function `name`, on a current-thread runtime.
+        pub fn new(name: &'static str) -> Self {
+            Test {
+                name,
+                current_thread: true,
+                worker_threads: None,
+                threshold: None,
+                configure: None,
+            }
+        }
+
+        /// `flavor = "multi_thread"`.
+        pub fn multi_thread(self) -> Self {
+            Test {
+                current_thread: false,
+                ..self
+            }
+        }
+
+        /// `worker_threads = n`.
+        pub fn worker_threads(self, count: usize) -> Self {
+            Test {
+                worker_threads: Some(count),
+                ..self
+            }
+        }
+
+        /// `stall_threshold = ".."` (wins over `LOOPLAG_TEST_STALL_THRESHOLD`).
+        pub fn stall_threshold(self, threshold: Duration) -> Self {
+            Test {
+                threshold: Some(threshold),
+                ..self
+            }
+        }
+
+        /// A call on the runtime builder made in the test's crate (`start_paused`).
+        pub fn configure(
+            self,
+            configure: impl FnOnce(&mut tokio::runtime::Builder) + 'static,
+        ) -> Self {
+            Test {
+                configure: Some(Box::new(configure)),
+                ..self
+            }
+        }
+
+        /// Builds the test's own instance and runtime, runs `body` to completion, stops the
+        /// watchdog (stalls still going end there) and panics when a stall counts.
+        pub fn run<T, F>(self, body: F) -> T
+        where
+            F: Future<Output = T>,
+        {
+            let judge = Judge::new(self.threshold);
+            let looplag = judge.looplag(self.name);
+            let mut builder = if self.current_thread {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                if let Some(count) = self.worker_threads {
+                    builder.worker_threads(count);
+                }
+                builder
+            };
+            builder.enable_all();
+            if let Some(configure) = self.configure {
+                configure(&mut builder);
+            }
+            looplag.hook_runtime(&mut builder);
+            let runtime = match builder.build() {
+                Ok(runtime) => runtime,
+                Err(err) => panic!("looplag: the test's tokio runtime could not start: {err}"),
+            };
+            let watchdog = match looplag.start(runtime.handle()) {
+                Ok(watchdog) => watchdog,
+                Err(err) => panic!("looplag: the test's watchdog could not start: {err}"),
+            };
+            let output = runtime.block_on(body);
+            drop(watchdog);
+            judge.verdict();
+            output
+        }
+    }
+}
