@@ -85,6 +85,7 @@ impl Judge {
     }
 
     /// Panics with every stall that counts; notes on stderr those a busy machine caused.
+    #[track_caller]
     fn verdict(&self) {
         let ended = match self.ended.lock() {
             Ok(mut ended) => std::mem::take(&mut *ended),
@@ -123,6 +124,12 @@ impl Judge {
                     "\n    ({:.1} ms of it waiting for a CPU, not counted)",
                     ms(waited)
                 ));
+            }
+            if !report.exact {
+                message.push_str(
+                    "\n    (estimated: the poll ran outside any span, so its start and end are \
+                     known to within a sample interval, 10 ms)",
+                );
             }
             if report.culprit.frame().is_none() {
                 message.push_str(&format!("\n    {}", no_culprit_note(report)));
@@ -180,6 +187,7 @@ fn ms(duration: Duration) -> f64 {
 ///     })
 /// });
 /// ```
+#[track_caller]
 pub fn assert_no_stalls<T>(
     mut builder: tokio::runtime::Builder,
     run: impl FnOnce(&tokio::runtime::Runtime) -> T,
@@ -283,6 +291,7 @@ pub(crate) mod __private {
 
         /// Builds the test's own instance and runtime, runs `body` to completion, stops the
         /// watchdog (stalls still going end there) and panics when a stall counts.
+        #[track_caller]
         pub fn run<T, F>(self, body: F) -> T
         where
             F: Future<Output = T>,
@@ -316,5 +325,93 @@ pub(crate) mod __private {
             judge.verdict();
             output
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Culprit, StackCapture, StackFrame};
+
+    fn ended(duration_ms: u64, waited_ms: Option<u64>) -> StallReport {
+        StallReport {
+            runtime_name: "t".into(),
+            state: StallState::Ended,
+            duration: Duration::from_millis(duration_ms),
+            started_at: std::time::SystemTime::now(),
+            exact: false,
+            report_number: 2,
+            thread_id: Some(1),
+            thread_name: Some("t".into()),
+            worker_index: Some(0),
+            span_name: None,
+            trace_id: None,
+            span_id: None,
+            task_id: None,
+            spawn_location: None,
+            kind: None,
+            cpu_time: None,
+            syscall: None,
+            run_queue_wait: waited_ms.map(Duration::from_millis),
+            stack: StackCapture::Captured(Vec::new()),
+            culprit: Culprit::Found(StackFrame {
+                function: "app::handler".into(),
+                file: Some("src/handler.rs".into()),
+                line: Some(7),
+                address: 1,
+            }),
+            victims: 0,
+            victims_dropped: 0,
+        }
+    }
+
+    fn verdict(reports: Vec<StallReport>) -> Option<String> {
+        let judge = Judge::new(Some(Duration::from_millis(50)));
+        judge.ended.lock().expect("lock").extend(reports);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge.verdict()))
+            .err()
+            .map(|panic| panic.downcast_ref::<String>().cloned().unwrap_or_default())
+    }
+
+    #[test]
+    fn a_stall_fails_the_test_with_its_report_and_the_threshold_line() {
+        let message = verdict(vec![ended(100, Some(10))]).expect("the test fails");
+        assert!(
+            message.contains("blocked in `app::handler` at src/handler.rs:7"),
+            "{message}"
+        );
+        assert!(message.contains("100.0 ms"), "{message}");
+        assert!(
+            message.contains("10.0 ms of it waiting for a CPU"),
+            "{message}"
+        );
+        assert!(message.contains("(estimated"), "{message}");
+        assert!(
+            message.contains("The threshold is 50 ms (set by the test)")
+                && message.contains("LOOPLAG_TEST_STALL_THRESHOLD"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn time_waiting_for_a_cpu_does_not_count() {
+        // 100 ms, 60 of them in the run queue: 40 ms of the test's own, under 50.
+        assert_eq!(verdict(vec![ended(100, Some(60))]), None);
+        // Unknown wait: the whole duration counts.
+        assert!(verdict(vec![ended(60, None)]).is_some());
+        // Exactly the threshold of its own counts.
+        assert!(verdict(vec![ended(100, Some(50))]).is_some());
+    }
+
+    #[test]
+    fn every_counted_stall_is_in_the_message() {
+        let message =
+            verdict(vec![ended(80, None), ended(100, Some(90)), ended(70, None)]).expect("fails");
+        assert!(message.contains("2 time(s)"), "{message}");
+        assert!(
+            message.contains("80.0 ms") && message.contains("70.0 ms"),
+            "{message}"
+        );
+        assert!(!message.contains("100.0 ms"), "{message}");
     }
 }

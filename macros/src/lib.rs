@@ -55,8 +55,30 @@ pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Runs an `async fn` test on its own tokio runtime watched by looplag, and fails it when a
 /// poll blocked the runtime: a drop-in for `#[tokio::test]`.
 ///
-/// See the `looplag` crate's documentation of `test` for the arguments and what the
-/// generated code does.
+/// ```ignore
+/// #[looplag::test]                       // current-thread, as #[tokio::test]
+/// async fn handles_a_request() { /* … */ }
+///
+/// #[looplag::test(flavor = "multi_thread", worker_threads = 2, stall_threshold = "200ms")]
+/// async fn under_load() { /* … */ }
+/// ```
+///
+/// Arguments: `flavor` (`"current_thread"`, the default, or `"multi_thread"`),
+/// `worker_threads` (multi-thread only), `start_paused = true` (needs tokio's `test-util`
+/// feature in the test's crate, as with tokio), `stall_threshold` (`"50ms"`; wins over the
+/// `LOOPLAG_TEST_STALL_THRESHOLD` variable, which sets it for a whole suite; by default
+/// `looplag::testing::DEFAULT_TEST_STALL_THRESHOLD`, 50 ms) and `crate`.
+///
+/// Each test gets its own looplag instance, runtime and watchdog (tests running at once in
+/// one process never see each other's stalls). When the body has returned, the watchdog
+/// stops, and the test panics if a poll blocked a worker for longer than the threshold, not
+/// counting the time the blocked thread waited for a CPU; the message is the stall report
+/// (duration, kind, the application frame that blocked and the top of the stack, the span)
+/// and a line saying how to change the threshold. With no tracing subscriber, on stable
+/// Rust, polls outside any span are found by estimation: on a current-thread runtime that
+/// needs looplag's stack signal (Linux x86_64); elsewhere, only polls inside a span, or every
+/// poll under `--cfg tokio_unstable`, are seen. `looplag::testing::assert_no_stalls` is the
+/// same for a runtime the test builds itself.
 #[proc_macro_attribute]
 pub fn test(args: TokenStream, item: TokenStream) -> TokenStream {
     let item: TokenStream2 = item.into();
