@@ -59,7 +59,7 @@ fn blocking_tests_fail_naming_their_function_and_clean_ones_pass() {
         .arg(fixture.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target)
-        .args(["--test", "blocking", "--", "--test-threads", "4"])
+        .args(["--test", "blocking", "--", "--test-threads", "2"])
         .env("RUST_BACKTRACE", "0")
         .env_remove("LOOPLAG_TEST_STALL_THRESHOLD")
         .output()
