@@ -317,18 +317,11 @@ pub(crate) mod __private {
                 Ok(runtime) => runtime,
                 Err(err) => panic!("looplag: the test's tokio runtime could not start: {err}"),
             };
-            // Started from inside `block_on`: on a current-thread runtime the watchdog's
-            // first look finds the thread driving the runtime, not about to enter it (a
-            // thread seen outside is asked again only a threshold later, which made a
-            // blocking poll right at the start look shorter than it was).
-            let (watchdog, output) = runtime.block_on(async {
-                let started = looplag.start(&tokio::runtime::Handle::current());
-                let watchdog = match started {
-                    Ok(watchdog) => watchdog,
-                    Err(err) => panic!("looplag: the test's watchdog could not start: {err}"),
-                };
-                (watchdog, body.await)
-            });
+            let watchdog = match looplag.start(runtime.handle()) {
+                Ok(watchdog) => watchdog,
+                Err(err) => panic!("looplag: the test's watchdog could not start: {err}"),
+            };
+            let output = runtime.block_on(body);
             drop(watchdog);
             judge.verdict();
             output
