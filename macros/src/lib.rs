@@ -72,7 +72,8 @@ pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Each test gets its own looplag instance, runtime and watchdog (tests running at once in
 /// one process never see each other's stalls). When the body has returned, the watchdog
 /// stops, and the test panics if a poll blocked a worker for longer than the threshold, not
-/// counting the time the blocked thread waited for a CPU; the message is the stall report
+/// counting the time the blocked thread waited for a CPU (nor a stall on no known thread,
+/// which cannot be told from a busy machine); the message is the stall report
 /// (duration, kind, the application frame that blocked and the top of the stack, the span)
 /// and a line saying how to change the threshold. With no tracing subscriber, on stable
 /// Rust, polls outside any span are found by estimation: on a current-thread runtime that
