@@ -79,7 +79,7 @@ pub fn layer() -> LoopLagLayer {
 /// What `#[looplag::main]` expands to. Not a public API: its shape may change in any
 /// release.
 #[doc(hidden)]
-pub mod __private {
+pub(crate) mod __private {
     use super::*;
 
     /// The runtime and the instance of one `#[looplag::main]` function.

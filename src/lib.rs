@@ -65,6 +65,7 @@ mod layer;
 mod report;
 mod stack;
 mod telemetry;
+pub mod testing;
 mod victims;
 mod watchdog;
 
@@ -74,10 +75,18 @@ pub use config::{
     DEFAULT_SAMPLE_INTERVAL, DEFAULT_SPAN_LEVEL, DEFAULT_STACK_SIGNAL, DEFAULT_STALL_THRESHOLD,
 };
 pub use diagnose::StallKind;
-pub use entry::{__private, layer, shutdown};
+pub use entry::{layer, shutdown};
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
 pub use layer::{LoopLagLayer, SpanFilter};
 #[cfg(feature = "macros")]
-pub use looplag_macros::main;
+pub use looplag_macros::{main, test};
+
+/// What `#[looplag::main]` and `#[looplag::test]` expand to. Not a public API: its shape may
+/// change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::entry::__private::Main;
+    pub use crate::testing::__private::Test;
+}
 pub use report::{Culprit, StackCapture, StackFrame, StallReport, StallState};

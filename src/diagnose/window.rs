@@ -18,6 +18,10 @@ pub(crate) struct Diagnosis {
     pub(crate) kind: Option<StallKind>,
     pub(crate) cpu_time: Option<Duration>,
     pub(crate) syscall: Option<&'static str>,
+    /// How long the thread waited for a CPU (run queue) during the stall: the share of the
+    /// time from detection to the end spent waiting, applied to the whole stall (Linux;
+    /// known once the stall ended).
+    pub(crate) run_queue_wait: Option<Duration>,
 }
 
 impl Diagnosis {
@@ -52,12 +56,14 @@ impl Diagnosis {
             kind,
             cpu_time,
             syscall,
+            run_queue_wait: None,
         }
     }
 
     /// The stall of `duration` ended at raw time `end`: its kind and CPU time from the share
     /// of the observed window the thread spent on a CPU (`end_cpu`: its CPU time at the end)
-    /// or waiting for one, applied to the whole stall. Nothing changes without a window.
+    /// or waiting for one, applied to the whole stall (neither changes without a window);
+    /// and the run-queue wait during the stall.
     pub(crate) fn at_end(
         &mut self,
         tid: Option<i32>,
@@ -65,14 +71,6 @@ impl Diagnosis {
         end: u64,
         end_cpu: Option<Duration>,
     ) {
-        let Some((cpu0, at)) = self.window else {
-            return;
-        };
-        let wall = clock::delta(at, end);
-        let Some(cpu_end) = end_cpu.filter(|_| wall > Duration::ZERO) else {
-            return;
-        };
-        let used = cpu_end.saturating_sub(cpu0).min(wall);
         // Time spent runnable but waiting for a CPU counts as CPU-bound: on a busy machine
         // a spinning thread is not always on a core. Only the wait before the stall's end
         // counts: the thread may have queued for a CPU again between the end and now (up to
@@ -84,8 +82,17 @@ impl Diagnosis {
                 .saturating_sub(delay0)
                 .saturating_sub(clock::delta(end, now));
             let span = clock::delta(at0, end);
-            (span > Duration::ZERO).then(|| delay.as_secs_f64() / span.as_secs_f64())
+            (span > Duration::ZERO).then(|| (delay.as_secs_f64() / span.as_secs_f64()).min(1.0))
         });
+        self.run_queue_wait = waiting_share.map(|share| duration.mul_f64(share));
+        let Some((cpu0, at)) = self.window else {
+            return;
+        };
+        let wall = clock::delta(at, end);
+        let Some(cpu_end) = end_cpu.filter(|_| wall > Duration::ZERO) else {
+            return;
+        };
+        let used = cpu_end.saturating_sub(cpu0).min(wall);
         let share = (used.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0);
         let busy_share = (share + waiting_share.unwrap_or(0.0)).clamp(0.0, 1.0);
         self.cpu_time = Some(duration.mul_f64(share));

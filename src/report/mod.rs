@@ -202,6 +202,11 @@ pub struct StallReport {
     pub cpu_time: Option<Duration>,
     /// The system call the thread was blocked in when the stall was detected (Linux).
     pub syscall: Option<&'static str>,
+    /// How long the thread was runnable but waiting for a CPU during the stall (the run
+    /// queue delay, Linux; ended stalls only): time a busy machine took from the poll, not
+    /// time the poll's code spent. Measured from detection to the end and applied to the
+    /// whole stall in proportion.
+    pub run_queue_wait: Option<Duration>,
     /// The blocked thread's stack, taken once when the stall was detected.
     pub stack: StackCapture,
     /// The application frame the thread was blocked in, found in [`stack`](Self::stack).

@@ -510,6 +510,7 @@ impl Watch {
             kind: active.diagnosis.kind,
             cpu_time: active.diagnosis.cpu_time,
             syscall: active.diagnosis.syscall,
+            run_queue_wait: active.diagnosis.run_queue_wait,
             stack: active.stack.clone(),
             culprit: active.culprit.clone(),
             victims: 0,

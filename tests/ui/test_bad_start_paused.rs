@@ -1,0 +1,4 @@
+#[looplag::test(start_paused = "yes")]
+async fn bad_start_paused() {}
+
+fn main() {}

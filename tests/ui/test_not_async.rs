@@ -1,0 +1,4 @@
+#[looplag::test]
+fn not_async() {}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[looplag::test(runtime_name = "api")]
+async fn takes_no_runtime_name() {}
+
+fn main() {}
