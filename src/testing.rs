@@ -208,7 +208,7 @@ pub fn assert_no_stalls<T>(
         .map(|name| name.rsplit("::").next().unwrap_or(name).to_string())
         .unwrap_or_default();
     let looplag = judge.looplag(&name);
-    looplag.hook_runtime(&mut builder);
+    hook(&looplag, &mut builder);
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => panic!("looplag: the test's tokio runtime could not start: {err}"),
@@ -321,7 +321,7 @@ pub(crate) mod __private {
             if let Some(configure) = self.configure {
                 configure(&mut builder);
             }
-            looplag.hook_runtime(&mut builder);
+            hook(&looplag, &mut builder);
             let runtime = match builder.build() {
                 Ok(runtime) => runtime,
                 Err(err) => panic!("looplag: the test's tokio runtime could not start: {err}"),
@@ -336,6 +336,16 @@ pub(crate) mod __private {
             output
         }
     }
+}
+
+/// looplag's park and unpark hooks only, never tokio's task poll hooks: under
+/// `--cfg tokio_unstable` those would make the polls of the future `block_on` runs itself
+/// (the test's body) invisible, and a test blocks in its body more often than anywhere else.
+/// Without them, polls are found as on stable builds (spans, and tokio's worker metrics).
+fn hook(looplag: &LoopLag, builder: &mut tokio::runtime::Builder) {
+    builder
+        .on_thread_park(looplag.park_hook())
+        .on_thread_unpark(looplag.unpark_hook());
 }
 
 #[cfg(test)]
