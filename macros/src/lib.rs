@@ -287,26 +287,51 @@ fn parse_args(args: TokenStream2, kind: Kind) -> syn::Result<Args> {
 fn expand(args: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let args = parse_args(args, Kind::Main)?;
     let mut function = async_fn(item, Kind::Main)?;
-    let krate = args
-        .krate
-        .map(|path| quote!(#path))
-        .unwrap_or_else(|| quote!(::looplag));
-    let mut settings = Vec::new();
+    let krate = krate(&args);
+    let mut settings = shared_settings(&args);
     if args.current_thread == Some(true) {
         settings.push(quote!(.current_thread()));
     }
-    if let Some((count, _)) = args.worker_threads {
-        settings.push(quote!(.worker_threads(#count)));
-    }
-    if let Some(name) = args.runtime_name {
+    if let Some(name) = &args.runtime_name {
         settings.push(quote!(.runtime_name(#name)));
-    }
-    if let Some(us) = args.stall_threshold {
-        settings.push(quote!(.stall_threshold(::std::time::Duration::from_micros(#us))));
     }
     if let Some(us) = args.sample_interval {
         settings.push(quote!(.sample_interval(::std::time::Duration::from_micros(#us))));
     }
+    run_body(
+        &mut function,
+        quote!(#krate::__private::Main::new()),
+        &settings,
+    )?;
+    Ok(quote!(#function))
+}
+
+/// `crate = ".."`, or `::looplag`.
+fn krate(args: &Args) -> TokenStream2 {
+    args.krate
+        .as_ref()
+        .map(|path| quote!(#path))
+        .unwrap_or_else(|| quote!(::looplag))
+}
+
+/// The builder calls both attributes make alike: `worker_threads`, `stall_threshold`.
+fn shared_settings(args: &Args) -> Vec<TokenStream2> {
+    let mut settings = Vec::new();
+    if let Some((count, _)) = args.worker_threads {
+        settings.push(quote!(.worker_threads(#count)));
+    }
+    if let Some(us) = args.stall_threshold {
+        settings.push(quote!(.stall_threshold(::std::time::Duration::from_micros(#us))));
+    }
+    settings
+}
+
+/// Replaces the function's body with `runner`, its `settings`, then `.run(async move body)`.
+fn run_body(
+    function: &mut ItemFn,
+    runner: TokenStream2,
+    settings: &[TokenStream2],
+) -> syn::Result<()> {
     let body = &function.block;
     let span = body.span();
     let output = match &function.sig.output {
@@ -316,13 +341,13 @@ fn expand(args: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let block = quote_spanned! {span=>
         {
             let body = async move #body;
-            #krate::__private::Main::new()
+            #runner
                 #(#settings)*
                 .run::<#output, _>(body)
         }
     };
     function.block = syn::parse2(block)?;
-    Ok(quote!(#function))
+    Ok(())
 }
 
 /// The function, its `async` taken away; an error when it had none.
@@ -349,19 +374,10 @@ fn expand_test(args: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             "#[looplag::test] functions take no arguments",
         ));
     }
-    let krate = args
-        .krate
-        .map(|path| quote!(#path))
-        .unwrap_or_else(|| quote!(::looplag));
-    let mut settings = Vec::new();
+    let krate = krate(&args);
+    let mut settings = shared_settings(&args);
     if args.current_thread == Some(false) {
         settings.push(quote!(.multi_thread()));
-    }
-    if let Some((count, _)) = args.worker_threads {
-        settings.push(quote!(.worker_threads(#count)));
-    }
-    if let Some(us) = args.stall_threshold {
-        settings.push(quote!(.stall_threshold(::std::time::Duration::from_micros(#us))));
     }
     if args.start_paused {
         // tokio's `start_paused` needs its `test-util` feature, in the test's crate: the
@@ -373,20 +389,10 @@ fn expand_test(args: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         );
     }
     let name = function.sig.ident.to_string();
-    let body = &function.block;
-    let span = body.span();
-    let output = match &function.sig.output {
-        syn::ReturnType::Default => quote!(()),
-        syn::ReturnType::Type(_, ty) => quote!(#ty),
-    };
-    let block = quote_spanned! {span=>
-        {
-            let body = async move #body;
-            #krate::__private::Test::new(#name)
-                #(#settings)*
-                .run::<#output, _>(body)
-        }
-    };
-    function.block = syn::parse2(block)?;
+    run_body(
+        &mut function,
+        quote!(#krate::__private::Test::new(#name)),
+        &settings,
+    )?;
     Ok(quote!(#[::core::prelude::v1::test] #function))
 }
