@@ -615,9 +615,9 @@ fn wait_for_data_since(
         {
             span_after = Some(started.elapsed());
         }
-        let counted = points_since(dump, service, "tokio.eventloop.stalls", since_ns)
-            .first()
-            .and_then(|p| p.value)
+        // One series per stall kind: a stall diagnosed `cpu` on a busy machine counts too.
+        let counted = dump
+            .total_since(service, "tokio.eventloop.stalls", since_ns)
             .is_some_and(|value| value >= stalls as f64);
         let histograms = ["tokio.eventloop.delay", "tokio.eventloop.stall.duration"]
             .iter()
@@ -641,9 +641,10 @@ fn wait_for_data_since(
         panic!(
             "the metrics (tokio.eventloop.stalls >= {stalls}, tokio.eventloop.delay, \
              tokio.eventloop.stall.duration) stamped after the collector came up did not reach \
-             it within {RECEIVE_TIMEOUT:?} (log {log}); last stall count received: {:?}",
-            dump.last_point(service, "tokio.eventloop.stalls")
-                .and_then(|(_, p)| p.value)
+             it within {RECEIVE_TIMEOUT:?} (log {log}); stalls counted since, over every \
+             kind: {:?}; points since, by metric: {}",
+            dump.total_since(service, "tokio.eventloop.stalls", since_ns),
+            dump.metrics_since(service, since_ns)
         )
     });
     println!(

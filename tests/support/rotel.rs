@@ -254,7 +254,7 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("LOOPLAG_KEEP_ROTEL_LOG").is_some() {
             eprintln!("rotel's log is kept at {}", self.log.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -440,6 +440,41 @@ impl Dump {
         self.spans
             .iter()
             .filter(move |span| span.service() == service)
+    }
+
+    /// The value of the sum `name` of `service` summed over its series (one per attribute
+    /// set, such as each `tokio.eventloop.stall.kind`), each at its latest point stamped at or
+    /// after `since_ns`; `None` when no point was.
+    pub fn total_since(&self, service: &str, name: &str, since_ns: u64) -> Option<f64> {
+        let mut latest: Vec<&Point> = Vec::new();
+        for metric in self.metrics.iter() {
+            if metric.service() != service || metric.name != name {
+                continue;
+            }
+            for point in metric.points.iter().filter(|p| p.time_ns >= since_ns) {
+                match latest.iter_mut().find(|p| p.attributes == point.attributes) {
+                    Some(seen) if seen.time_ns < point.time_ns => *seen = point,
+                    Some(_) => {}
+                    None => latest.push(point),
+                }
+            }
+        }
+        (!latest.is_empty()).then(|| latest.iter().filter_map(|p| p.value).sum())
+    }
+
+    /// `name: points` for each metric of `service` with points stamped at or after
+    /// `since_ns`: what arrived, for a failure message.
+    pub fn metrics_since(&self, service: &str, since_ns: u64) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for metric in self.metrics.iter().filter(|m| m.service() == service) {
+            let points = metric.points.iter().filter(|p| p.time_ns >= since_ns).count();
+            match counts.iter_mut().find(|(name, _)| *name == metric.name) {
+                Some((_, count)) => *count += points,
+                None => counts.push((&metric.name, points)),
+            }
+        }
+        let listed: Vec<String> = counts.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+        listed.join(", ")
     }
 
     /// The most recent point (by timestamp) of metric `name` of `service`.
