@@ -12,7 +12,7 @@ use crate::clock;
 use crate::config::{Builder, Config, StallCallback};
 use crate::error::Error;
 use crate::hot::doze::Doze;
-use crate::hot::slots::Registry;
+use crate::hot::slots::{self, Registry};
 use crate::layer::{LoopLagLayer, SpanFilter};
 use crate::watchdog;
 use crate::watchdog::Inner;
@@ -276,6 +276,28 @@ impl LoopLag {
             inner.registry.with_slot(|slot| slot.unpark());
             inner.doze.worker_unparked();
         }
+    }
+
+    /// Runs `poll`, one poll of a future that neither a span nor a hook shows looplag (the
+    /// body `block_on` runs in `#[looplag::test]`), marked on the calling thread's slot as a
+    /// span's poll is: a poll that blocks is found exactly, with this thread's stack. Wakes a
+    /// dozing watchdog first, as an unparking worker does (a multi-thread test's body runs
+    /// on a thread that is no worker, while every worker may be parked).
+    pub(crate) fn watched_poll<R>(&self, poll: impl FnOnce() -> R) -> R {
+        /// Ends the poll also when `poll` unwinds.
+        struct End<'a>(&'a Inner);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                self.0.registry.with_slot(|slot| slot.exit(slots::NO_SPAN));
+            }
+        }
+        self.inner.registry.with_slot(|slot| {
+            // A test body is no request: a victim window it starts in marks nothing.
+            let _ = slot.enter(slots::NO_SPAN);
+        });
+        self.inner.doze.worker_unparked();
+        let _end = End(&self.inner);
+        poll()
     }
 
     /// Starts the watchdog thread and the delay probe for the runtime behind `handle`.

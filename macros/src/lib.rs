@@ -391,7 +391,7 @@ fn expand_test(args: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let name = function.sig.ident.to_string();
     run_body(
         &mut function,
-        quote!(#krate::__private::Test::new(#name)),
+        quote!(#krate::__private::Test::new(::core::module_path!(), #name)),
         &settings,
     )?;
     Ok(quote!(#[::core::prelude::v1::test] #function))

@@ -165,8 +165,29 @@ pub(crate) fn run_delay(tid: i32) -> Option<Duration> {
     imp::run_delay(tid)
 }
 
+/// The calling thread's [`run_delay`], read with one `pread` of a file it keeps open: for a
+/// thread that reads its own run-queue wait often (the polls of a `#[looplag::test]` body).
+/// Read it on the thread that made it.
+#[derive(Debug)]
+pub(crate) struct OwnRunDelay {
+    schedstat: Option<std::fs::File>,
+}
+
+impl OwnRunDelay {
+    /// Opens the calling thread's `schedstat` (Linux); elsewhere every read is `None`.
+    pub(crate) fn open() -> OwnRunDelay {
+        OwnRunDelay {
+            schedstat: imp::open_own_schedstat(),
+        }
+    }
+
+    /// The time the thread has waited for a CPU since it started, or `None`.
+    pub(crate) fn read(&self) -> Option<Duration> {
+        self.schedstat.as_ref().and_then(imp::read_run_delay)
+    }
+}
+
 /// The Linux thread id of the calling thread (`gettid`), or 0 on other platforms.
-#[cfg(test)]
 pub(crate) fn current_tid() -> i32 {
     imp::current_tid()
 }

@@ -36,7 +36,6 @@ pub(super) mod imp {
         ))
     }
 
-    #[cfg(test)]
     pub(in crate::diagnose) fn current_tid() -> i32 {
         // SAFETY: `SYS_gettid` takes no argument and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
@@ -56,6 +55,18 @@ pub(super) mod imp {
     pub(in crate::diagnose) fn run_delay(tid: i32) -> Option<Duration> {
         let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
         parse_schedstat_delay(&text)
+    }
+
+    /// The calling thread's `schedstat`, kept open: each read is one `pread`.
+    pub(in crate::diagnose) fn open_own_schedstat() -> Option<std::fs::File> {
+        std::fs::File::open("/proc/thread-self/schedstat").ok()
+    }
+
+    pub(in crate::diagnose) fn read_run_delay(file: &std::fs::File) -> Option<Duration> {
+        use std::os::unix::fs::FileExt;
+        let mut buffer = [0u8; 96];
+        let read = file.read_at(&mut buffer, 0).ok()?;
+        parse_schedstat_delay(std::str::from_utf8(buffer.get(..read)?).ok()?)
     }
 
     /// Reads `/proc/<pid>/task/<tid>/schedstat`: `<on-cpu ns> <run-queue ns> <timeslices>`.
@@ -331,7 +342,6 @@ pub(super) mod imp {
         None
     }
 
-    #[cfg(test)]
     pub(in crate::diagnose) fn current_tid() -> i32 {
         0
     }
@@ -341,6 +351,14 @@ pub(super) mod imp {
     }
 
     pub(in crate::diagnose) fn thread_state(_tid: i32) -> Option<char> {
+        None
+    }
+
+    pub(in crate::diagnose) fn open_own_schedstat() -> Option<std::fs::File> {
+        None
+    }
+
+    pub(in crate::diagnose) fn read_run_delay(_file: &std::fs::File) -> Option<Duration> {
         None
     }
 

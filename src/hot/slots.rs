@@ -48,6 +48,10 @@ pub(crate) use crate::clock::TS_MASK;
 const _: () = assert!(TS_MASK == BUSY - 1);
 /// How many entered spans a slot remembers; deeper spans are counted, not recorded.
 pub(crate) const STACK_DEPTH: usize = 32;
+/// The id [`Slot::enter`] and [`Slot::exit`] take for a poll of a future that no span
+/// covers but looplag wraps itself (the body of `#[looplag::test]`): `tracing`'s span ids
+/// are never 0, and [`Slot::entered_spans`] leaves it out.
+pub(crate) const NO_SPAN: u64 = 0;
 /// The state bits of [`Slot::window`]; the bits above hold the start of the stalled poll
 /// whose end opened the window, so that each stall has its own window.
 const WINDOW_STATE: u64 = 0b11;

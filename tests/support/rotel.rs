@@ -467,7 +467,11 @@ impl Dump {
     pub fn metrics_since(&self, service: &str, since_ns: u64) -> String {
         let mut counts: Vec<(&str, usize)> = Vec::new();
         for metric in self.metrics.iter().filter(|m| m.service() == service) {
-            let points = metric.points.iter().filter(|p| p.time_ns >= since_ns).count();
+            let points = metric
+                .points
+                .iter()
+                .filter(|p| p.time_ns >= since_ns)
+                .count();
             match counts.iter_mut().find(|(name, _)| *name == metric.name) {
                 Some((_, count)) => *count += points,
                 None => counts.push((&metric.name, points)),
