@@ -315,16 +315,30 @@ fn a_silenced_warn_is_told_once_on_stderr() {
     let (reports, stderr) = run("error");
     assert!(reports >= 4, "two stalls, two reports each at least");
     assert_eq!(stderr.matches(NOTICE).count(), 1, "told once: {stderr}");
+    // The third stall's span has no OpenTelemetry context: told once, on stderr too.
+    assert_eq!(
+        stderr.matches("which has no OpenTelemetry context").count(),
+        1,
+        "{stderr}"
+    );
     assert!(stderr.contains("looplag=warn"), "{stderr}");
     assert!(!stderr.contains("stall in progress"), "{stderr}");
 
     let (reports, stderr) = run("warn");
     assert!(reports >= 4);
     assert_eq!(stderr.matches(NOTICE).count(), 0, "{stderr}");
+    // Here as looplag's WARN line (the fmt layer prints it), not a second time.
+    assert_eq!(
+        stderr.matches("which has no OpenTelemetry context").count(),
+        1,
+        "{stderr}"
+    );
     assert!(stderr.contains("stall in progress"), "{stderr}");
 }
 
-/// The fixture: a global `EnvFilter` of `filter`, two stalls, the report count on stdout.
+/// The fixture: a global `EnvFilter` of `filter`, two stalls in a request span, a third in a
+/// span tracing-opentelemetry's layer filters out (target `no_otel`), the report count on
+/// stdout.
 fn silenced_fixture(filter: &str) {
     let filter = filter.to_string();
     let h = harness_with(
@@ -333,7 +347,18 @@ fn silenced_fixture(filter: &str) {
             tracing_subscriber::registry()
                 .with(tracing_subscriber::EnvFilter::new(filter))
                 .with(looplag.layer())
-                .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                .with(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(
+                            tracing_subscriber::filter::Targets::new()
+                                .with_default(tracing::Level::TRACE)
+                                .with_target(
+                                    "no_otel",
+                                    tracing_subscriber::filter::LevelFilter::OFF,
+                                ),
+                        ),
+                )
                 .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
                 .try_init()
                 .expect("one global subscriber");
@@ -346,7 +371,12 @@ fn silenced_fixture(filter: &str) {
             std::thread::sleep(Duration::from_millis(150))
         });
     }
-    h.wait_ended(2, Duration::from_secs(10));
+    run_in_span(
+        &runtime,
+        || tracing::error_span!(target: "no_otel", "hidden"),
+        async { std::thread::sleep(Duration::from_millis(150)) },
+    );
+    h.wait_ended(3, Duration::from_secs(10));
     drop(watchdog);
     println!("FIXTURE reports={}", h.reports().len());
 }

@@ -329,13 +329,13 @@ fn mark(
 
 /// Attributes of a stall span whose `tracing` span (`name`) has no OpenTelemetry context:
 /// the span's name, so the stall can still be told apart. Warns once per process, naming
-/// the span and the likely fix.
+/// the span and the likely fix: as a WARN line of target `looplag`, or on stderr when the
+/// subscriber filters those out (the path that filter cannot hide, as for the stall lines
+/// themselves, see `report::log`).
 pub(crate) fn orphan_attributes(name: &'static str) -> Vec<KeyValue> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            target: "looplag",
-            span = name,
+        let text = format!(
             "a stall happened in span `{name}`, which has no OpenTelemetry context: its stall \
              span is exported as the root of its own trace (with \
              {} = \"{name}\"), and the requests it held up cannot link to it. Most often \
@@ -345,6 +345,17 @@ pub(crate) fn orphan_attributes(name: &'static str) -> Vec<KeyValue> {
              span at INFO",
             names::STALL_SPAN_NAME
         );
+        if tracing::enabled!(target: "looplag", tracing::Level::WARN) {
+            tracing::warn!(target: "looplag", span = name, "{text}");
+        } else {
+            use std::io::Write as _;
+            // Never panic over a closed stderr.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "looplag: {text}. (looplag's WARN lines are filtered out, so this note is \
+                 written to stderr, once per process.)"
+            );
+        }
     }
     vec![KeyValue::new(names::STALL_SPAN_NAME, name)]
 }
