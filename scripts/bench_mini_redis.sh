@@ -271,6 +271,20 @@ impl<S: tracing::Subscriber> Layer<S> for Count {
     }
 }
 
+/// The per-layer filter of `Count`: it adds no interest of its own, so a callsite is live
+/// only when another layer wants it (an unfiltered `Count` would switch every callsite on and
+/// count that), and it passes everything that is live.
+struct Observe;
+
+impl<S> tracing_subscriber::layer::Filter<S> for Observe {
+    fn enabled(&self, _: &tracing::Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+    fn callsite_enabled(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::never()
+    }
+}
+
 /// looplag's `on_stall`: runs on the watchdog thread, so it only counts and prints.
 fn on_stall(report: &looplag::StallReport) {
     REPORTS.fetch_add(1, Relaxed);
@@ -304,19 +318,24 @@ fn port() -> mini_redis::Result<u16> {
 /// The subscriber. Off: exactly mini-redis's `fmt::try_init()`. On: looplag's layer, and the
 /// same fmt layer with the same RUST_LOG filter, filtered per layer (README: a filter over
 /// the whole subscriber would filter looplag too).
-fn init_tracing(looplag: Option<looplag::LoopLagLayer>, count: bool) -> mini_redis::Result<()> {
+fn init_tracing(
+    looplag: Option<looplag::LoopLagLayer<tracing_subscriber::Registry>>,
+    count: bool,
+) -> mini_redis::Result<()> {
     match (looplag, count) {
         (None, false) => tracing_subscriber::fmt::try_init()?,
-        (None, true) => tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::from_default_env())
-            .finish()
-            .with(Count)
+        // What `fmt::try_init()` builds (one EnvFilter over the whole subscriber), on a
+        // registry so that `Count` can have its per-layer filter.
+        (None, true) => tracing_subscriber::registry()
+            .with(EnvFilter::from_default_env())
+            .with(tracing_subscriber::fmt::layer())
+            .with(Count.with_filter(Observe))
             .try_init()?,
         (Some(looplag), count) => {
             let logs = tracing_subscriber::fmt::layer().with_filter(EnvFilter::from_default_env());
             let subscriber = tracing_subscriber::registry().with(looplag).with(logs);
             if count {
-                subscriber.with(Count).try_init()?
+                subscriber.with(Count.with_filter(Observe)).try_init()?
             } else {
                 subscriber.try_init()?
             }
