@@ -49,10 +49,9 @@ pub fn shutdown() {
 ///
 /// Every looplag layer feeds the same process-wide state, so this is the same layer as
 /// [`LoopLag::layer`] of that instance (it honours its
-/// [`max_victims`](crate::Builder::max_victims)); before any global instance exists, it is
-/// [`LoopLagLayer::default`]. For the per-layer-filtered variant, use
-/// [`LoopLag::filtered_layer`] of [`LoopLag::builder`]'s instance. A second instance (tests, a second runtime) works as before
-/// through its own [`LoopLag::layer`] or this one.
+/// [`max_victims`](crate::Builder::max_victims) and [`span_level`](crate::Builder::span_level));
+/// before any global instance exists, it is [`LoopLagLayer::default`]. A second instance
+/// (tests, a second runtime) works as before through its own [`LoopLag::layer`] or this one.
 ///
 /// # Examples
 ///
@@ -69,7 +68,7 @@ pub fn shutdown() {
 /// # fn run() { main() }
 /// # run();
 /// ```
-pub fn layer() -> LoopLagLayer {
+pub fn layer<S>() -> LoopLagLayer<S> {
     match GLOBAL.get() {
         Some(looplag) => looplag.layer(),
         None => LoopLagLayer::default(),

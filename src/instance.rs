@@ -13,11 +13,9 @@ use crate::config::{Builder, Config, StallCallback};
 use crate::error::Error;
 use crate::hot::doze::Doze;
 use crate::hot::slots::{self, Registry};
-use crate::layer::{LoopLagLayer, SpanFilter};
+use crate::layer::LoopLagLayer;
 use crate::watchdog;
 use crate::watchdog::Inner;
-use tracing_subscriber::filter::Filtered;
-use tracing_subscriber::Layer as _;
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -158,14 +156,10 @@ impl LoopLag {
     ///
     /// # Filtering
     ///
-    /// This layer has no filter of its own: it costs two slot writes per span enter and exit
-    /// and nothing else. Like any unfiltered layer, it switches on an event callsite that the
-    /// other layers' per-layer filters turned off: such an event is then built and
-    /// dispatched each time it is hit (no other layer records it; looplag ignores it). In a
-    /// service whose hot loops hit many filtered-out `debug!` events, that costs more than the
-    /// layer itself; [`filtered_layer`](LoopLag::filtered_layer) takes no interest in events
-    /// at all, for a registry lookup on every span enter and exit (BENCHMARKS.md,
-    /// "Instructions").
+    /// The layer asks for no event and for spans at or above
+    /// [`span_level`](Builder::span_level) through a per-layer filter, so adding it never
+    /// switches on an event callsite the other layers' filters had off; its span enter and
+    /// exit cost two slot writes and no registry lookup (see [`LoopLagLayer`]).
     ///
     /// A filter applied to the whole subscriber (an `EnvFilter` or `LevelFilter` added with
     /// `.with(filter)` rather than `.with_filter(filter)` on one layer) also filters looplag:
@@ -173,21 +167,6 @@ impl LoopLag {
     /// span and victims, and looplag's own WARN lines (target `looplag`) are dropped when it
     /// turns WARN off for that target. looplag says so once on stderr when that happens (see
     /// the README's "Setup").
-    pub fn layer(&self) -> LoopLagLayer {
-        LoopLagLayer::new(self.inner.config.max_victims > 0)
-    }
-
-    /// The `tracing` layer behind its per-layer [`SpanFilter`]: it asks for no event, so
-    /// adding it never turns on an event callsite that the other layers' filters had off,
-    /// and for spans at or above [`span_level`](Builder::span_level) (by default `DEBUG`),
-    /// which then exist even if no other layer wanted them (see that setting for the cost).
-    ///
-    /// The price: tracing-subscriber's per-layer filtering looks each span up in the registry
-    /// on every enter and exit, which makes a poll boundary several times dearer than with
-    /// [`layer`](LoopLag::layer) (BENCHMARKS.md, "Instructions"). Choose it for a service
-    /// whose hot paths hit many `debug!` events that its filters turn off. Per-layer
-    /// filtering needs `tracing_subscriber::Registry` at the root of the subscriber, as
-    /// `tracing_subscriber::registry()` gives.
     ///
     /// # Examples
     ///
@@ -195,18 +174,17 @@ impl LoopLag {
     /// use tracing_subscriber::layer::SubscriberExt;
     ///
     /// let looplag = looplag::LoopLag::builder().build()?;
-    /// let subscriber = tracing_subscriber::registry().with(looplag.filtered_layer());
+    /// let subscriber = tracing_subscriber::registry().with(looplag.layer());
     /// tracing::subscriber::with_default(subscriber, || {
     ///     assert!(!tracing::enabled!(tracing::Level::DEBUG)); // looplag wants no event
     /// });
     /// # Ok::<(), looplag::Error>(())
     /// ```
-    pub fn filtered_layer<S>(&self) -> Filtered<LoopLagLayer, SpanFilter, S>
-    where
-        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    {
-        self.layer()
-            .with_filter(SpanFilter::new(self.inner.config.span_level))
+    pub fn layer<S>(&self) -> LoopLagLayer<S> {
+        LoopLagLayer::new(
+            self.inner.config.max_victims > 0,
+            self.inner.config.span_level,
+        )
     }
 
     /// Installs looplag's hooks on a tokio runtime builder.

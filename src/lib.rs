@@ -78,7 +78,7 @@ pub use diagnose::StallKind;
 pub use entry::{layer, shutdown};
 pub use error::Error;
 pub use instance::{LoopLag, Watchdog};
-pub use layer::{LoopLagLayer, SpanFilter};
+pub use layer::LoopLagLayer;
 #[cfg(feature = "macros")]
 pub use looplag_macros::{main, test};
 

@@ -34,7 +34,7 @@ fn a_debug_event_behind_an_info_filter_stays_off_and_the_stall_is_still_reported
         |b| b,
         |looplag, tracer| {
             tracing_subscriber::registry()
-                .with(looplag.filtered_layer())
+                .with(looplag.layer())
                 .with(
                     tracing_opentelemetry::layer()
                         .with_tracer(tracer)
@@ -81,45 +81,87 @@ fn a_debug_event_behind_an_info_filter_stays_off_and_the_stall_is_still_reported
     );
 }
 
-/// The control for the test above: looplag's layer added bare, with the default interest
-/// of an unfiltered layer, switches the DEBUG callsite on; behind its filter it does not.
+/// A layer with no filter and no code: what tracing-subscriber does with an unfiltered layer.
+struct Bare;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Bare {}
+
+/// The control for the test above: an unfiltered layer, with the default interest, switches
+/// the DEBUG callsite on; looplag's layer, in either place, does not. And looplag's layer
+/// never switches off what another layer wants: next to an unfiltered log layer, DEBUG
+/// events stay on.
 #[test]
-fn a_bare_looplag_layer_would_switch_debug_events_on() {
+fn looplag_switches_no_event_on_or_off() {
     let looplag = looplag::LoopLag::builder().build().expect("looplag");
-    let bare = tracing_subscriber::registry()
-        .with(looplag::LoopLagLayer::default())
-        .with(
+    macro_rules! info_log {
+        () => {
             tracing_subscriber::fmt::layer()
                 .with_test_writer()
-                .with_filter(LevelFilter::INFO),
-        );
+                .with_filter(LevelFilter::INFO)
+        };
+    }
+    let bare = tracing_subscriber::registry().with(Bare).with(info_log!());
     tracing::subscriber::with_default(bare, || {
         assert!(
             tracing::enabled!(Level::DEBUG),
-            "a bare layer wants everything"
+            "an unfiltered layer wants everything"
         );
     });
-    let filtered = tracing_subscriber::registry()
-        .with(looplag.filtered_layer())
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_test_writer()
-                .with_filter(LevelFilter::INFO),
-        );
-    tracing::subscriber::with_default(filtered, || {
+    let first = tracing_subscriber::registry()
+        .with(looplag.layer())
+        .with(info_log!());
+    tracing::subscriber::with_default(first, || {
         assert!(!tracing::enabled!(Level::DEBUG));
         assert!(tracing::enabled!(Level::INFO));
     });
+    let last = tracing_subscriber::registry()
+        .with(info_log!())
+        .with(looplag.layer());
+    tracing::subscriber::with_default(last, || {
+        assert!(!tracing::enabled!(Level::DEBUG));
+        assert!(tracing::enabled!(Level::INFO));
+    });
+    for looplag_first in [true, false] {
+        macro_rules! log {
+            () => {
+                tracing_subscriber::fmt::layer().with_test_writer()
+            };
+        }
+        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = if looplag_first {
+            Box::new(
+                tracing_subscriber::registry()
+                    .with(looplag.layer())
+                    .with(log!()),
+            )
+        } else {
+            Box::new(
+                tracing_subscriber::registry()
+                    .with(log!())
+                    .with(looplag.layer()),
+            )
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(
+                tracing::enabled!(Level::TRACE),
+                "an unfiltered log layer still gets every event (looplag first: {looplag_first})"
+            );
+        });
+    }
 }
 
-/// The common harness, with looplag's per-layer-filtered layer (`span_level` applies to it).
-fn filtered_harness(
+/// The common harness, with tracing-opentelemetry's layer filtered at `otel_level`.
+fn span_level_harness(
     configure: impl FnOnce(looplag::Builder) -> looplag::Builder,
+    otel_level: LevelFilter,
 ) -> common::Harness {
-    harness_with(configure, |looplag, tracer| {
+    harness_with(configure, move |looplag, tracer| {
         tracing_subscriber::registry()
-            .with(looplag.filtered_layer())
-            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(looplag.layer())
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(otel_level),
+            )
             .try_init()
             .expect("one global subscriber per test process: run with cargo nextest");
     })
@@ -139,21 +181,30 @@ fn stall_in_a_debug_span_in_a_request(h: &common::Harness) -> looplag::StallRepo
     )
 }
 
-/// With `span_level(INFO)` the filtered layer does not see a DEBUG span: the stall in it is reported
-/// under the enclosing INFO request span.
+/// With `span_level(INFO)` and no other layer wanting DEBUG spans, the DEBUG span does not
+/// exist: the stall in it is reported under the enclosing INFO request span.
 #[test]
-fn a_span_below_span_level_is_invisible_to_looplag() {
-    let h = filtered_harness(|b| b.span_level(Level::INFO));
+fn a_span_below_span_level_that_no_layer_wants_is_not_created() {
+    let h = span_level_harness(|b| b.span_level(Level::INFO), LevelFilter::INFO);
     assert_eq!(h.looplag.span_level(), Level::INFO);
     let report = stall_in_a_debug_span_in_a_request(&h);
     assert_eq!(report.span_name, Some("request"), "{report:#?}");
 }
 
-/// The default span level (DEBUG) sees DEBUG spans: the same stall is reported under the
-/// innermost span.
+/// With `span_level(INFO)`, a DEBUG span that another layer wants exists, and looplag sees
+/// it like any other: the stall is reported under it.
 #[test]
-fn the_default_span_level_sees_debug_spans() {
-    let h = filtered_harness(|b| b);
+fn a_span_below_span_level_that_another_layer_wants_is_seen() {
+    let h = span_level_harness(|b| b.span_level(Level::INFO), LevelFilter::TRACE);
+    let report = stall_in_a_debug_span_in_a_request(&h);
+    assert_eq!(report.span_name, Some("debug_inner"), "{report:#?}");
+}
+
+/// The default span level (DEBUG) makes DEBUG spans exist though no other layer wants them:
+/// the same stall is reported under the innermost span.
+#[test]
+fn the_default_span_level_creates_debug_spans() {
+    let h = span_level_harness(|b| b, LevelFilter::INFO);
     assert_eq!(h.looplag.span_level(), looplag::DEFAULT_SPAN_LEVEL);
     assert_eq!(looplag::DEFAULT_SPAN_LEVEL, Level::DEBUG);
     let report = stall_in_a_debug_span_in_a_request(&h);

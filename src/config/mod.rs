@@ -228,9 +228,10 @@ impl Builder {
     /// level or above (`DEBUG` takes `DEBUG`, `INFO`, `WARN` and `ERROR` spans).
     ///
     /// looplag needs every span that can be a request (the culprit's root, and the victims)
-    /// or the innermost span of a poll (the culprit): a stall inside a span below this level
-    /// is reported under the nearest enclosing span at or above it, or under none. The
-    /// layer asks for no events at all, whatever this level (see
+    /// or the innermost span of a poll (the culprit). A span below this level exists only
+    /// when another layer wants it; looplag then sees it like any other. When no layer wants
+    /// it, a stall inside it is reported under the nearest enclosing span that exists, or
+    /// under none. The layer asks for no events at all, whatever this level (see
     /// [`LoopLag::layer`](crate::LoopLag::layer)).
     ///
     /// The trade: a span looplag asks for exists even when no other layer wanted it, and

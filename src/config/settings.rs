@@ -220,7 +220,7 @@ pub(crate) const SETTINGS: [Setting; COUNT] = [
         default: "debug",
         range: Range::Any,
         accepted: "`trace`, `debug`, `info`, `warn` or `error`",
-        note: "`filtered_layer()` only: spans at or above it exist for looplag",
+        note: "spans at or above it exist for looplag even if no other layer wants them",
     },
     Setting {
         method: "library_prefixes",

@@ -191,7 +191,7 @@ mod tests {
     /// Span info finds the local root of a nested span, and a closed span is not open.
     #[test]
     fn span_info_names_the_root_of_a_nested_span() {
-        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::new(true)));
+        let dispatch = Dispatch::new(tracing_subscriber::registry().with(LoopLagLayer::default()));
         tracing::dispatcher::with_default(&dispatch, || {
             let root = tracing::info_span!("request");
             let child = tracing::info_span!(parent: &root, "child");

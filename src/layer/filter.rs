@@ -1,54 +1,37 @@
-//! The per-layer filter that keeps looplag's layer from switching on what other layers had
-//! off: it takes spans at or above [`span_level`](crate::Builder::span_level) and no event.
+//! looplag's per-layer filter: the layer asks for spans at or above
+//! [`span_level`](crate::Builder::span_level) and for no event.
+//!
+//! `LoopLagLayer` holds it in a `tracing_subscriber` `Filtered` around [`Silent`] and sends
+//! that the filter pass. A per-layer filter only decides what its own layer sees: in a
+//! subscriber whose other layers have per-layer filters too, a callsite is live when one of
+//! the filters wants it, so an event callsite never goes live because of looplag, and a span
+//! callsite only when it is at or above the level (see
+//! [`callsite_enabled`](SpanFilter::callsite_enabled) for why such a span callsite is
+//! "sometimes" rather than "always"). A layer's own `register_callsite` or `enabled` cannot
+//! do this: they filter for every layer, and the default interest of an unfiltered layer,
+//! "always", switches every callsite on.
 
 use tracing::subscriber::Interest;
 use tracing::{Level, Metadata};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::Layer;
+
+/// A layer that does nothing: what `Filtered` wraps, so that the filter pass has a layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Silent;
+
+impl<S: tracing::Subscriber> Layer<S> for Silent {}
 
 /// The per-layer filter of looplag's layer: spans at or above a level, never an event.
-///
-/// [`LoopLag::layer`](crate::LoopLag::layer) wraps [`LoopLagLayer`](crate::LoopLagLayer) in
-/// it (`tracing_subscriber`'s `Filtered`). A per-layer filter only decides what its own layer
-/// sees: in a subscriber whose other layers have per-layer filters too, a callsite is live
-/// when one of the filters wants it, so an event callsite never goes live because of looplag,
-/// and a span callsite only when it is at or above the level (see
-/// [`callsite_enabled`](SpanFilter::callsite_enabled) for why such a span callsite is
-/// "sometimes" rather than "always"). (A layer's own
-/// `register_callsite` or `enabled` would filter for every layer instead, and the default
-/// interest of an unfiltered layer, "always", switches every callsite on.)
-///
-/// # Examples
-///
-/// ```
-/// use tracing_subscriber::filter::LevelFilter;
-/// use tracing_subscriber::layer::SubscriberExt;
-/// use tracing_subscriber::Layer;
-///
-/// let looplag = looplag::LoopLag::builder().build()?;
-/// let subscriber = tracing_subscriber::registry()
-///     .with(looplag.filtered_layer())
-///     .with(tracing_subscriber::fmt::layer().with_filter(LevelFilter::INFO));
-/// tracing::subscriber::with_default(subscriber, || {
-///     // No layer wants DEBUG events: the callsite stays off, looplag or not.
-///     assert!(!tracing::enabled!(tracing::Level::DEBUG));
-///     assert!(tracing::enabled!(tracing::Level::INFO));
-/// });
-/// # Ok::<(), looplag::Error>(())
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SpanFilter {
+pub(crate) struct SpanFilter {
     level: Level,
 }
 
 impl SpanFilter {
     pub(crate) fn new(level: Level) -> Self {
         SpanFilter { level }
-    }
-
-    /// The least severe span level passed.
-    pub fn span_level(&self) -> Level {
-        self.level
     }
 
     /// A span at or above the level (in `tracing`, a more verbose level compares greater).
