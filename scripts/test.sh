@@ -54,6 +54,12 @@ LOOPLAG_TEST_NO_LINE_TABLES=1 cargo nextest run --release --no-fail-fast --test 
     --config 'profile.release.package.looplag.debug=false' \
     -E 'test(with_or_without_line_tables_the_culprit_is_named) | test(a_stack_of_library_code_only_says_it_has_no_culprit)'
 
+step "stacks in a release build with debug = \"limited\" (README's profile): inlined culprits named in full"
+# Only looplag and this test rebuild, as above.
+LOOPLAG_TEST_DEBUG_LIMITED=1 cargo nextest run --release --no-fail-fast --test stacks \
+    --config 'profile.release.package.looplag.debug="limited"' \
+    -E 'test(an_inlined_culprit_is_named_in_full_with_limited_debug_info) | test(with_or_without_line_tables_the_culprit_is_named)'
+
 step "the demo, as a newcomer runs it (cargo run --example demo: 15 s, drives its own traffic)"
 cargo build --quiet --example demo
 ./scripts/check_demo.sh target/debug/examples/demo

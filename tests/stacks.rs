@@ -28,6 +28,14 @@ fn looplag_culprit_spin() {
     std::hint::black_box(x);
 }
 
+/// Always inlined into its caller: in release builds its frame exists only in the debug
+/// info, never in the symbol table.
+#[inline(always)]
+fn looplag_culprit_inlined() {
+    std::thread::sleep(Duration::from_millis(200));
+    std::hint::black_box(());
+}
+
 #[inline(never)]
 fn looplag_culprit_lock(lock: &Mutex<()>) {
     let _guard = lock.lock().unwrap();
@@ -39,6 +47,7 @@ async fn task_that_calls_the_culprit(which: &'static str, lock: Arc<Mutex<()>>) 
     match which {
         "sleep" => looplag_culprit_sleep(),
         "spin" => looplag_culprit_spin(),
+        "inlined" => looplag_culprit_inlined(),
         _ => looplag_culprit_lock(&lock),
     }
     std::hint::black_box(());
@@ -308,6 +317,29 @@ fn with_or_without_line_tables_the_culprit_is_named() {
             "this build has line tables: {stack}"
         );
     }
+}
+
+/// Set by `scripts/test.sh` for its release run of this file with `debug = "limited"`, the
+/// profile README recommends (`profile.release.package.looplag.debug="limited"`).
+const DEBUG_LIMITED: &str = "LOOPLAG_TEST_DEBUG_LIMITED";
+
+/// An inlined application function is named with its module path where the debug info has
+/// module paths (a debug build, or `debug = "limited"`); `debug = "line-tables-only"` names
+/// inlined functions by their short name only, and there is no symbol to complete it from.
+#[test]
+fn an_inlined_culprit_is_named_in_full_with_limited_debug_info() {
+    let debug_limited = std::env::var(DEBUG_LIMITED).is_ok_and(|v| v == "1");
+    let line_tables_only = !cfg!(debug_assertions) && !debug_limited;
+    let h = harness(|b| b);
+    let (stack, report) = stall(&h, "inlined");
+    let culprit = culprit_of(&report);
+    let expected = if line_tables_only {
+        "looplag_culprit_inlined"
+    } else {
+        "stacks::looplag_culprit_inlined"
+    };
+    assert_eq!(culprit.function, expected, "{stack}");
+    assert!(culprit.file.is_some(), "{stack}");
 }
 
 #[test]
