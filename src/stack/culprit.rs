@@ -16,7 +16,8 @@
 //!    registry or a git checkout of cargo (`…/registry/src/…`, `…/git/checkouts/…`) or in the
 //!    Rust sources (`/rustc/<hash>/…`, `…/lib/rustlib/src/rust/…`, `library/std/src/…`) is
 //!    library code; any other `.rs` file is the application's (the workspace, path
-//!    dependencies).
+//!    dependencies). Except a library file with no line under a Rust path: the line table
+//!    placed the function's code at a callee's file, and rule 4 decides.
 //! 3. Without a file, a function without a Rust path (`clock_nanosleep`, `syscall`,
 //!    `<unknown>`, `main`) is foreign code (glibc, the vDSO, the C entry point): library.
 //! 4. Without a file, a Rust path is judged by its crate, the first segment of the path
@@ -147,7 +148,15 @@ pub(crate) fn is_application(frame: &StackFrame, library_prefixes: &[String]) ->
         return false;
     }
     if let Some(file) = &frame.file {
-        return !is_library_file(file);
+        let library_file = is_library_file(file);
+        // A library file without a line under a Rust path: the line table placed code of
+        // the named function at a callee's file with no line (seen: a debug build's spin
+        // loop, `demo::app::cpu::{{closure}}` at core's `uint_macros.rs`). The file says
+        // nothing about the function there; its crate decides (rule 4).
+        let located_elsewhere = library_file && frame.line.is_none() && path.contains("::");
+        if !located_elsewhere {
+            return !library_file;
+        }
     }
     match crate_of(path) {
         Some(krate) => !LIBRARY_CRATES.contains(&krate),
@@ -419,6 +428,46 @@ mod tests {
             frame("spin", Some("/src/app/src/cpu.rs"), Some(5)),
         ];
         assert_eq!(found(find(&stack, &[])).function, "spin");
+    }
+
+    #[test]
+    fn a_library_file_without_a_line_does_not_hide_an_application_function() {
+        // A debug build's spin loop interrupted in code the line table gives to core's
+        // `uint_macros.rs` without a line, under the application's function (seen in the
+        // demo); frames of library crates with such a file stay library code.
+        let stack = vec![
+            frame(
+                "std::sys::pal::unix::time::Timespec::now",
+                Some(&format!("{RUSTC}/std/src/sys/pal/unix/time.rs")),
+                None,
+            ),
+            frame(
+                "demo::app::cpu::{{closure}}",
+                Some(&format!("{RUSTC}/core/src/num/uint_macros.rs")),
+                None,
+            ),
+            frame(
+                "demo::app::remember_route::{{closure}}",
+                Some("/src/demo/app.rs"),
+                Some(124),
+            ),
+        ];
+        assert_eq!(found(find(&stack, &[])).function, "demo::app::cpu");
+        // With a line, the file decides as before: an inlined library function.
+        let inlined = vec![
+            frame(
+                "core::num::<impl u64>::wrapping_add",
+                Some(&format!("{RUSTC}/core/src/num/uint_macros.rs")),
+                Some(2164),
+            ),
+            frame(
+                "demo::app::cpu::{{closure}}",
+                Some("/src/demo/app.rs"),
+                Some(150),
+            ),
+        ];
+        let culprit = found(find(&inlined, &[]));
+        assert_eq!(culprit.line, Some(150));
     }
 
     #[test]
