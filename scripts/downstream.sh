@@ -28,7 +28,7 @@ TOML
 cat > "$scratch/src/main.rs" <<'RS'
 #[looplag::main(flavor = "current_thread")]
 async fn main() {
-    let _ = looplag::layer();
+    let _: looplag::LoopLagLayer = looplag::layer();
 }
 RS
 echo "downstream: resolving the newest releases against $root"
